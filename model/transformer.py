@@ -1,0 +1,256 @@
+"""A Llama-family decoder in plain PyTorch, readable top to bottom.
+
+Two ways in:
+- training and reference use: `model(tokens[B, T])` runs causal attention over the batch, no cache;
+- serving: `model(tokens[N], positions[N], cache, batch)` runs a flat batch of new tokens from many
+  sequences (prefill chunks and one-token decodes together). Every linear layer sees all N tokens
+  at once; only attention is done per `AttentionGroup`, reading keys and values from a cache that
+  is addressed by flat slot index. How slots are allocated (pages, prefixes) is the engine's
+  business; the model only writes to `batch.write_slots` and reads `group.read_slots`.
+
+q/k/v and gate/up projections are fused into one matrix each (fewer, larger matmuls per step);
+`model/checkpoint.py` splits and joins them so the files keep Hugging Face's tensor names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+
+
+@dataclass
+class AttentionGroup:
+    """`rows` sequences with `q_len` new tokens each, stored contiguously in the flat batch.
+
+    Keys are read from cache slots `read_slots` ([rows * kv_len], in position order, padded with
+    any valid slot); `mask` ([rows, 1, q_len, kv_len], True = may attend) hides padding and the future.
+    """
+
+    start: int
+    rows: int
+    q_len: int
+    kv_len: int
+    read_slots: Tensor
+    mask: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows * self.q_len
+
+
+@dataclass
+class CacheBatch:
+    """How the flat batch of new tokens meets the cache: where their K/V go and who reads what."""
+
+    write_slots: Tensor
+    groups: list[AttentionGroup]
+
+
+KVCache = list[tuple[Tensor, Tensor]]
+"""Per layer, (keys, values) of shape [num_slots, num_key_value_heads, head_dim]."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalize in float32 and cast back before the weight, as transformers does: logits match.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x[..., heads, head_dim] by per-token angles cos/sin[..., 1, head_dim // 2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = dropout
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        layer_cache: tuple[Tensor, Tensor] | None,
+        batch: CacheBatch | None,
+    ) -> Tensor:
+        lead = x.shape[:-1]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = apply_rotary(q.view(*lead, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(*lead, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(*lead, self.n_kv_heads, self.head_dim)
+        if layer_cache is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                is_causal=True,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            ).transpose(1, 2)
+        else:
+            assert batch is not None
+            out = self._attend_cached(q, k, v, layer_cache, batch)
+        return self.o_proj(out.reshape(*lead, -1))
+
+    def _attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, layer_cache: tuple[Tensor, Tensor], batch: CacheBatch
+    ) -> Tensor:
+        k_cache, v_cache = layer_cache
+        k_cache.index_copy_(0, batch.write_slots, k)
+        v_cache.index_copy_(0, batch.write_slots, v)
+        outs = []
+        for g in batch.groups:
+            qg = q[g.start : g.start + g.num_tokens].view(g.rows, g.q_len, self.n_heads, self.head_dim)
+            kg = k_cache.index_select(0, g.read_slots).view(g.rows, g.kv_len, self.n_kv_heads, self.head_dim)
+            vg = v_cache.index_select(0, g.read_slots).view(g.rows, g.kv_len, self.n_kv_heads, self.head_dim)
+            og = F.scaled_dot_product_attention(
+                qg.transpose(1, 2),
+                kg.transpose(1, 2),
+                vg.transpose(1, 2),
+                attn_mask=g.mask,
+                enable_gqa=self.n_heads != self.n_kv_heads,
+            )
+            outs.append(og.transpose(1, 2).reshape(g.num_tokens, self.n_heads, self.head_dim))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, dropout: float) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, dropout)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cos, sin, layer_cache, batch) -> Tensor:  # type: ignore[no-untyped-def]
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, batch))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, dropout) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.embed_dropout = nn.Dropout(dropout)
+        inv_freq = rope_inverse_frequencies(config)
+        angles = torch.outer(torch.arange(config.max_position_embeddings).float(), inv_freq)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            else:
+                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        batch: CacheBatch | None = None,
+        logits_indices: Tensor | None = None,
+    ) -> Tensor:
+        """Logits for `tokens` ([B, T] without a cache, flat [N] with one).
+
+        `logits_indices` selects which token rows get logits (the last of each sequence, when
+        serving), so the vocabulary projection is not spent on tokens nobody samples from.
+        """
+        if positions is None:
+            positions = torch.arange(tokens.shape[-1], device=tokens.device)
+        cos = self.rope_cos[positions].unsqueeze(-2)
+        sin = self.rope_sin[positions].unsqueeze(-2)
+        x = self.embed_dropout(self.embed_tokens(tokens))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i], batch)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, tokens: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0) -> Tensor:
+        """Reference generation by full recompute (no cache): simple and obviously right.
+
+        Used for samples during training and as the oracle the cached engine is checked against.
+        """
+        for _ in range(max_new_tokens):
+            context = tokens[:, -self.config.max_position_embeddings :]
+            logits = self(context)[:, -1, :].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1)
+            tokens = torch.cat([tokens, nxt], dim=1)
+        return tokens
