@@ -1,0 +1,280 @@
+"""Byte-level BPE tokenizer: training, Hugging Face file I/O, exact token bytes, chat templates.
+
+Wraps `tokenizers.Tokenizer` so that any HF checkpoint's tokenizer.json loads (ours, or a
+sentencepiece-style one with Metaspace and byte fallback), and adds what serving needs: the exact
+bytes each id contributes to the text (for incremental detokenizing) and the ids that end a turn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+ADDED_TOKEN_KEYS = ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unsupported role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded or used; the message names the file and the problem."""
+
+
+@cache
+def _unicode_to_byte() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode map, which byte-level BPE vocabularies are written in."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _mentions(component: Any, kind: str) -> bool:
+    """Whether a tokenizer.json component (possibly a Sequence of them) contains type `kind`."""
+    if isinstance(component, dict):
+        return component.get("type") == kind or any(_mentions(v, kind) for v in component.values())
+    if isinstance(component, list):
+        return any(_mentions(v, kind) for v in component)
+    return False
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A loaded tokenizer plus the metadata from tokenizer_config.json that serving needs."""
+
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        bos_token: str | None = ENDOFTEXT,
+        eos_token: str | None = ENDOFTEXT,
+        chat_template: str | None = CHATML_TEMPLATE,
+        model_max_length: int = 1024,
+    ) -> None:
+        self._tok = tokenizer
+        # A twin that reads special-token text as plain text: user input must not inject control ids.
+        self._plain = HFTokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        self.bos_token_id = self._id_of(bos_token)
+        self.eos_token_id = self._id_of(eos_token)
+        self.token_bytes = self._token_bytes()
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end an assistant turn: EOS, and <|im_end|> where the vocabulary has it."""
+        ids = [self.eos_token_id, self._tok.token_to_id(IM_END)]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings count as text unless `parse_special`."""
+        tok = self._tok if parse_special else self._plain
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], parse_special: bool = False) -> list[list[int]]:
+        tok = self._tok if parse_special else self._plain
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _token_bytes(self) -> list[bytes]:
+        spec = json.loads(self._tok.to_str())
+        byte_level = _mentions(spec.get("decoder"), "ByteLevel") or _mentions(
+            spec.get("pre_tokenizer"), "ByteLevel"
+        )
+        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        added = {t["id"] for t in spec.get("added_tokens", [])}
+        to_byte = _unicode_to_byte()
+        out: list[bytes] = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or i in special:
+                out.append(b"")
+            elif i in added:
+                out.append(piece.encode())
+            elif byte_level:
+                out.append(bytes(to_byte[c] for c in piece))
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out.append(bytes([int(piece[3:5], 16)]))
+            else:
+                out.append(piece.replace("▁", " ").encode())
+        return out
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render the checkpoint's Jinja chat template in a sandbox, as transformers does."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat_template")
+        try:
+            template = _jinja_env().from_string(self.chat_template)
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise TokenizerError(f"chat template failed: {exc}") from None
+
+    def save(self, directory: Path | str) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / TOKENIZER_FILE))
+        spec = json.loads(self._tok.to_str())
+        added = {
+            str(t["id"]): {
+                k: t[k] for k in ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
+            }
+            for t in spec.get("added_tokens", [])
+        }
+        extra = [t["content"] for t in spec.get("added_tokens", []) if t["special"]]
+        extra = [t for t in extra if t not in (self.bos_token, self.eos_token)]
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.eos_token,
+            "additional_special_tokens": extra,
+            "added_tokens_decoder": added,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+            "chat_template": self.chat_template,
+        }
+        (directory / TOKENIZER_CONFIG_FILE).write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        )
+        special_map = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.eos_token,
+            "additional_special_tokens": extra,
+        }
+        (directory / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special_map, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path | str) -> Tokenizer:
+        """Load tokenizer.json and tokenizer_config.json from any Hugging Face checkpoint directory."""
+        directory = Path(directory)
+        tok_path, config_path = directory / TOKENIZER_FILE, directory / TOKENIZER_CONFIG_FILE
+        for path in (tok_path, config_path):
+            if not path.is_file():
+                raise TokenizerError(f"{path}: file not found")
+        try:
+            tokenizer = HFTokenizer.from_file(str(tok_path))
+        except Exception as exc:  # the Rust side raises bare Exception on any parse failure
+            raise TokenizerError(
+                f"{tok_path}: not a valid tokenizer file ({str(exc).splitlines()[0]})"
+            ) from None
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{config_path}: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_path}: expected a JSON object")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is None and (directory / CHAT_TEMPLATE_FILE).is_file():
+            template = (directory / CHAT_TEMPLATE_FILE).read_text()
+        max_length = config.get("model_max_length")
+        return cls(
+            tokenizer,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+            chat_template=template if isinstance(template, str) else None,
+            model_max_length=max_length if isinstance(max_length, int) and max_length < 2**31 else 1024,
+        )
+
+
+@cache
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def train_tokenizer(
+    files_or_texts: Iterable[Path | str], vocab_size: int, model_max_length: int = 1024
+) -> Tokenizer:
+    """Train byte-level BPE; a `Path` item is read as a UTF-8 file, a `str` item is the text itself.
+
+    No normalizer and a prefix-space-free ByteLevel pre-tokenizer make decode(encode(s)) == s exact.
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise TokenizerError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+    def texts() -> Iterable[str]:
+        for item in files_or_texts:
+            yield item.read_text(encoding="utf-8") if isinstance(item, Path) else item
+
+    tok.train_from_iterator(texts(), trainer=trainer)
+    return Tokenizer(tok, model_max_length=model_max_length)

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny servable checkpoint (random weights, real tokenizer) made in seconds."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import save_model
+from model.config import ModelConfig
+from model.tokenizer import IM_END, train_tokenizer
+from model.transformer import Transformer
+
+TINY_TEXTS = (
+    inspect.getsource(json.decoder),
+    inspect.getsource(textwrap),
+    "Hello, world! héllo wörld 😀🚀 你好，世界。日本語のテキスト 한국어\n",
+)
+
+
+def make_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """A checkpoint directory in the shipped layout: BPE tokenizer (vocab 512) and a random 2-layer model."""
+    tokenizer = train_tokenizer(list(TINY_TEXTS), vocab_size=512, model_max_length=512)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.token_id(IM_END)],
+    )
+    model = Transformer(config)
+    model.init_weights(seed=seed)
+    save_model(model, directory)
+    tokenizer.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
