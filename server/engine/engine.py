@@ -1,0 +1,465 @@
+"""The step loop and its async facade.
+
+`LLMEngine` is synchronous and owned by one thread: schedule, run the model, sample, detokenize,
+and return what each request should hear. `AsyncEngine` runs that loop on its own thread, takes
+new requests and aborts through an inbox drained at the top of each step, and hands events to
+each request's asyncio.Queue with one `call_soon_threadsafe` per step. The event loop never waits
+for the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from model.checkpoint import load_model
+from model.tokenizer import Tokenizer
+from server.engine.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.kv_cache import BlockManager, allocate_cache, kv_bytes_per_token
+from server.engine.outputs import (
+    Delta,
+    EngineError,
+    EngineOverloaded,
+    EngineStats,
+    EngineStopped,
+    Finished,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+)
+from server.engine.params import ParamError, SamplingParams
+from server.engine.runner import ModelRunner
+from server.engine.sampler import SampleRow, sample
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Request, Sequence
+
+log = logging.getLogger("server.engine")
+
+Output = tuple[Request, Delta | Finished | EngineError]
+
+
+class LLMEngine:
+    """Model, cache, scheduler and sampler behind `add`, `abort` and `step`. Not thread-safe."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = load_model(config.model, dtype=config.dtype, device=self.device)
+        self.model_config = self.model.config
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = Tokenizer.load(config.model)
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ValueError(
+                f"{config.model}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
+                f"{self.model_config.vocab_size}"
+            )
+        limit = self.model_config.max_position_embeddings
+        self.max_model_len = config.max_model_len or limit
+        if not 0 < self.max_model_len <= limit:
+            raise ValueError(
+                f"--max-model-len must be in [1, {limit}] for this model, got {self.max_model_len}"
+            )
+        for name in ("block_size", "max_num_seqs", "prefill_chunk_tokens"):
+            if getattr(config, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+        per_token = kv_bytes_per_token(self.model_config, self.dtype)
+        tokens = config.kv_cache_tokens or min(
+            config.kv_cache_memory // per_token, config.max_num_seqs * self.max_model_len
+        )
+        num_blocks = tokens // config.block_size
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"a KV cache of {tokens} tokens cannot hold one sequence of max-model-len "
+                f"{self.max_model_len}: raise --kv-cache-tokens or lower --max-model-len"
+            )
+        self.kv_capacity_tokens = num_blocks * config.block_size
+        cache = allocate_cache(self.model_config, self.kv_capacity_tokens, self.dtype, self.device)
+        prefix_caching = config.enable_prefix_caching and not config.deterministic
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, config.prefill_chunk_tokens, aligned_chunks=config.deterministic
+        )
+        self.runner = ModelRunner(self.model, cache, config.block_size, self.device, config.deterministic)
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.token_bytes = self.tokenizer.token_bytes
+        self.token_bytes_with_special = [
+            b or self.tokenizer.decode([i], skip_special_tokens=False).encode()
+            for i, b in enumerate(self.token_bytes)
+        ]
+        self.requests: dict[int, Request] = {}
+        self.steps = 0
+
+    # -- requests in ---------------------------------------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Check what depends on the model; return the effective max_tokens. Raises ParamError."""
+        if not prompt_ids:
+            raise ParamError("prompt", "the prompt must not be empty")
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ParamError("prompt", f"prompt token id {bad} is outside the vocabulary (size {vocab})")
+        return params.check_against_model(len(prompt_ids), vocab, self.max_model_len)
+
+    def add(self, request: Request) -> None:
+        params = request.params
+        bytes_table = self.token_bytes if params.skip_special_tokens else self.token_bytes_with_special
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(self.device).manual_seed((params.seed + index) % 2**64)
+            seq = Sequence(
+                request=request,
+                index=index,
+                token_ids=list(request.prompt_ids),
+                detokenizer=IncrementalDetokenizer(bytes_table, params.stop),
+                generator=generator,
+            )
+            request.sequences.append(seq)
+            # Choices after the first wait for it to prefill the prompt they share.
+            if index == 0 or self.config.deterministic:
+                self.scheduler.add(seq)
+            else:
+                request.held_back.append(seq)
+        self.requests[id(request)] = request
+
+    def abort(self, request: Request) -> None:
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+        request.held_back.clear()
+        request.done = True
+        self.requests.pop(id(request), None)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Output]:
+        step = self.scheduler.schedule()
+        if not step:
+            return []
+        now = time.monotonic()
+        for seq in step.sequences:
+            timings = seq.request.timings
+            if timings.scheduled is None:
+                timings.scheduled = now
+                seq.request.cached_tokens = seq.num_computed_tokens
+        ready, logits = self.runner.execute(step)
+        self.steps += 1
+        for seq in step.sequences:
+            self.blocks.register_computed(seq)
+            self._release_held_back(seq)
+        if logits is None:
+            return []
+        rows = [self._sample_row(s) for s in ready]
+        result = sample(logits, rows)
+        now = time.monotonic()
+        outputs: list[Output] = []
+        for i, seq in enumerate(ready):
+            if seq.request.done:
+                continue
+            if not result.finite[i]:
+                outputs.extend(self._fail(seq.request, "the model produced non-finite logits"))
+                continue
+            outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))
+        return outputs
+
+    def _release_held_back(self, seq: Sequence) -> None:
+        request = seq.request
+        if seq.index != 0 or not request.held_back or seq.num_computed_tokens < seq.num_prompt_tokens:
+            return
+        for child in request.held_back:
+            self.blocks.share_prefix(seq, child)
+            self.scheduler.add(child, front=True)
+        request.held_back.clear()
+
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        params = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_output_tokens < params.min_tokens:
+            banned = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_ids))
+        penalties = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        return SampleRow(
+            params=params,
+            prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if penalties else [],
+            output_ids=seq.output_ids if penalties else [],
+            generator=seq.generator,
+            banned_ids=banned,
+        )
+
+    def _logprob(self, token_id: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        def piece(t: int) -> tuple[str, list[int]]:
+            raw = self.token_bytes_with_special[t]
+            return raw.decode("utf-8", errors="replace"), list(raw)
+
+        text, raw = piece(token_id)
+        top = [TopLogprob(t, *piece(t)[:1], logprob=v, bytes=piece(t)[1]) for t, v in lp[1]]
+        return TokenLogprob(token_id=token_id, token=text, logprob=lp[0], bytes=raw, top=top)
+
+    def _append(
+        self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None, now: float
+    ) -> list[Output]:
+        request, params = seq.request, seq.params
+        seq.token_ids.append(token)
+        timings = request.timings
+        if timings.first_token is None:
+            timings.first_token = now
+        if not timings.token_times or timings.token_times[-1] != now:
+            timings.token_times.append(now)
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            stop = seq.detokenizer.add(token)
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+            elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+        finished = seq.finish_reason is not None
+        if finished:
+            seq.detokenizer.finish()
+        delta = Delta(
+            index=seq.index,
+            text=seq.detokenizer.delta(final=finished),
+            token_ids=[token],
+            logprobs=[self._logprob(token, lp)] if lp is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+        outputs: list[Output] = [(request, delta)]
+        if finished:
+            self.scheduler.remove(seq)
+            if all(s.is_finished for s in request.sequences):
+                outputs.append((request, self._finish(request, now)))
+        return outputs
+
+    def _finish(self, request: Request, now: float) -> Finished:
+        request.done = True
+        request.timings.finished = now
+        self.requests.pop(id(request), None)
+        return Finished(
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=request.completion_tokens,
+            cached_tokens=request.cached_tokens,
+            timings=request.timings,
+        )
+
+    def _fail(self, request: Request, message: str) -> list[Output]:
+        self.abort(request)
+        request.timings.finished = time.monotonic()
+        return [(request, EngineError(message))]
+
+    def fail_all(self, message: str) -> list[Output]:
+        outputs: list[Output] = []
+        for request in list(self.requests.values()):
+            outputs.extend(self._fail(request, message))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bs = self.blocks.block_size
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting) + sum(len(r.held_back) for r in self.requests.values()),
+            kv_total_tokens=self.kv_capacity_tokens,
+            kv_used_tokens=self.blocks.num_used_blocks * bs,
+            prefix_cache_hit_tokens=self.blocks.prefix_hit_tokens,
+            steps=self.steps,
+        )
+
+
+class RequestStream:
+    """Async iterator over one request's events; closing it early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request: Request, events: asyncio.Queue[Any]) -> None:
+        self._engine = engine
+        self._request = request
+        self._events = events
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[Delta | Finished]:
+        return self
+
+    async def __anext__(self) -> Delta | Finished:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._events.get()
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        if isinstance(item, Finished):
+            self._done = True
+        elif isinstance(item, Exception):
+            self._done = True
+            raise item
+        return item
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._post(("abort", self._request))
+
+    async def aclose(self) -> None:
+        self.abort()
+
+
+class AsyncEngine:
+    """The engine as the HTTP layer sees it: submit, stream, abort, stats. See module docstring."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.core = LLMEngine(config)
+        self.config = config
+        self.tokenizer = self.core.tokenizer
+        self.model_config = self.core.model_config
+        self.model_name = config.model.resolve().name
+        self.max_model_len = self.core.max_model_len
+        self.kv_capacity_tokens = self.core.kv_capacity_tokens
+        self.num_parameters = sum(p.numel() for p in self.core.model.parameters())
+        self.dtype = str(self.core.dtype).removeprefix("torch.")
+        self.device = str(self.core.device)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._active = 0
+        self._admitting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats = self.core.stats()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stop_admitting(self) -> None:
+        self._admitting = False
+
+    async def drain(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._active == 0
+
+    def abort_all(self, reason: str) -> None:
+        self._post(("abort_all", reason))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def encode(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        def render() -> list[int]:
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), parse_special=True)
+
+        return await asyncio.to_thread(render)
+
+    async def decode(self, ids: list[int]) -> str:
+        return await asyncio.to_thread(self.tokenizer.decode, ids)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        """Validate and enqueue; raises ParamError, EngineOverloaded or EngineStopped at once."""
+        if not self._admitting or self._loop is None:
+            raise EngineStopped("the server is shutting down")
+        max_tokens = self.core.validate(prompt_ids, params)
+        with self._lock:
+            if self._active >= self.config.max_num_seqs + self.config.max_waiting:
+                raise EngineOverloaded("the server is overloaded; retry shortly")
+            self._active += 1
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        request = Request(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            max_tokens=max_tokens,
+            sink=events,
+            timings=Timings(arrival=time.monotonic()),
+        )
+        self._post(("add", request))
+        return RequestStream(self, request, events)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _post(self, message: tuple[str, Any]) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    def _finished(self, request: Request) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def _drain_inbox(self) -> list[Output]:
+        outputs: list[Output] = []
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return outputs
+            if kind == "add":
+                self.core.add(payload)
+            elif kind == "abort" and not payload.done:
+                self.core.abort(payload)
+                self._finished(payload)
+            elif kind == "abort_all":
+                outputs.extend(self.core.fail_all(payload))
+
+    def _deliver(self, outputs: list[Output]) -> None:
+        for request, item in outputs:
+            if isinstance(item, Finished | EngineError):
+                self._finished(request)
+        assert self._loop is not None
+
+        def put_all() -> None:
+            for request, item in outputs:
+                request.sink.put_nowait(item)
+
+        self._loop.call_soon_threadsafe(put_all)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            outputs = self._drain_inbox()
+            if not outputs and not self.core.has_work:
+                self._stats = self.core.stats()
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs.extend(self.core.step())
+            except Exception:  # a bug in one step must not kill the engine: fail what was running
+                log.exception("engine step failed; failing the requests in flight")
+                outputs.extend(self.core.fail_all("internal engine error"))
+            self._stats = self.core.stats()
+            if outputs:
+                self._deliver(outputs)

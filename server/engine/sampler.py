@@ -1,0 +1,143 @@
+"""Logits to token ids, with each row's own parameters, vectorized over the batch.
+
+Random draws use the exponential race (argmax of p / Exp(1), equivalent to sampling from p), so
+that a seeded row draws from its own generator, one fixed-size draw per token: the same seed
+gives the same tokens whatever else shares the batch. Logprobs are the model's own distribution
+(before penalties, temperature and filters), as OpenAI reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from server.engine.params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs to know about one row."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None
+    banned_ids: tuple[int, ...]
+    """Token ids that may not be sampled now (EOS and stop ids before min_tokens)."""
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    finite: list[bool]
+    """False where a row's logits held NaN or Inf: that request fails, the others go on."""
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    """Per row: (logprob of the sampled token, [(token id, logprob)] of the top alternatives)."""
+
+
+def _apply_penalties(logits: Tensor, rows: list[SampleRow], idx: list[int]) -> None:
+    vocab = logits.shape[-1]
+    device = logits.device
+    for i in idx:
+        p = rows[i].params
+        row = logits[i]
+        out = torch.tensor(rows[i].output_ids, dtype=torch.long, device=device)
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            seen[torch.tensor(rows[i].prompt_ids, dtype=torch.long, device=device)] = True
+            seen[out] = True
+            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            row.copy_(torch.where(seen, penalized, row))
+        if (p.presence_penalty or p.frequency_penalty) and len(out):
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=device).index_add_(
+                0, out, torch.ones(len(out), dtype=logits.dtype, device=device)
+            )
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def sample(logits: Tensor, rows: list[SampleRow]) -> SampleResult:
+    logits = logits.float()
+    n, vocab = logits.shape
+    device = logits.device
+    finite = torch.isfinite(logits).all(dim=-1)
+    logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+
+    want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+
+    penalized = [
+        i
+        for i, r in enumerate(rows)
+        if r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
+    ]
+    if penalized:
+        logits = logits.clone()
+        _apply_penalties(logits, rows, penalized)
+    for i, r in enumerate(rows):
+        if r.params.logit_bias:
+            ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long, device=device)
+            vals = torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype, device=device)
+            logits[i].index_add_(0, ids, vals)
+        if r.banned_ids:
+            logits[i, list(r.banned_ids)] = float("-inf")
+
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        tokens[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
+
+    top_k = max((rows[i].params.logprobs or 0 for i in want_logprobs), default=0)
+    packed = torch.cat([tokens, finite.long()])
+    if raw_logprobs is not None:
+        chosen = raw_logprobs.gather(1, tokens[want_logprobs, None]).squeeze(1)
+        top = raw_logprobs.topk(top_k, dim=-1) if top_k else None
+        values = [chosen] + ([top.values.flatten()] if top is not None else [])
+        lp_flat = torch.cat(values).tolist()
+        top_ids = top.indices.tolist() if top is not None else None
+    ids_and_finite = packed.tolist()
+
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * n
+    if raw_logprobs is not None:
+        m = len(want_logprobs)
+        for j, i in enumerate(want_logprobs):
+            k = rows[i].params.logprobs or 0
+            alts = []
+            if top_ids is not None:
+                vals = lp_flat[m + j * top_k : m + j * top_k + k]
+                alts = list(zip(top_ids[j][:k], vals, strict=True))
+            logprobs[i] = (lp_flat[j], alts)
+    return SampleResult(
+        token_ids=ids_and_finite[:n], finite=[bool(f) for f in ids_and_finite[n:]], logprobs=logprobs
+    )
+
+
+def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> Tensor:
+    device = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=device)
+    logits = logits / temps[:, None]
+    if any(r.params.top_k for r in rows):
+        ks = torch.tensor([r.params.top_k or logits.shape[-1] for r in rows], device=device)
+        ks = ks.clamp(max=logits.shape[-1])
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if any(r.params.top_p < 1.0 for r in rows):
+        top_p = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=device)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does.
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if any(r.params.min_p > 0 for r in rows):
+        min_p = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype, device=device)
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    noise = torch.empty_like(probs)
+    unseeded = [j for j, r in enumerate(rows) if r.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1], device=device).exponential_()
+    for j, r in enumerate(rows):
+        if r.generator is not None:
+            noise[j].exponential_(generator=r.generator)
+    return (probs / noise).argmax(dim=-1)

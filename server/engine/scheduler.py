@@ -1,0 +1,115 @@
+"""Who runs this step, and how many tokens each computes. Pure Python: no tensors, no model.
+
+Every step: running sequences first (decodes need one token; a sequence still prefilling gets the
+next chunk), then waiting ones are admitted while the batch, the prefill budget and the cache
+allow. When the cache cannot grow a running sequence, the most recently admitted one is
+preempted: its blocks are freed and it waits to be recomputed (its output so far is kept).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.engine.kv_cache import BlockManager
+from server.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledStep:
+    sequences: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    """Tokens each sequence computes this step, starting at its num_computed_tokens."""
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+
+class Scheduler:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, prefill_chunk_tokens: int, aligned_chunks: bool
+    ) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.aligned_chunks = aligned_chunks
+        """Deterministic mode: chunk boundaries at fixed multiples, whatever else shares the step."""
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take `seq` out of the queues (finished or aborted) and free its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        self.blocks.release(seq)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        missing = seq.num_missing_tokens
+        if missing == 1:
+            return 1
+        if self.aligned_chunks:
+            to_boundary = self.prefill_chunk_tokens - seq.num_computed_tokens % self.prefill_chunk_tokens
+            return min(missing, to_boundary)
+        return min(missing, budget)
+
+    def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        self.add(seq, front=True)
+        step.preempted.append(seq)
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        budget = self.prefill_chunk_tokens
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            if seq.num_missing_tokens > 1 and budget <= 0 and not self.aligned_chunks:
+                continue
+            n = self._chunk(seq, budget)
+            while not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim, step)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            if n > 1:
+                budget -= n
+            step.sequences.append(seq)
+            step.num_tokens.append(n)
+
+        # Keep a block per running sequence in reserve so admissions do not force preemptions.
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.blocks.match_prefix(seq)
+            n = self._chunk(seq, budget)
+            reserve = len(self.running)
+            needed = self.blocks.blocks_needed(seq, seq.num_tokens) + reserve
+            if needed > self.blocks.num_free_blocks and self.running:
+                break
+            if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            budget -= n
+            step.sequences.append(seq)
+            step.num_tokens.append(n)
+        return step
