@@ -278,7 +278,7 @@ class LLMEngine:
             waiting=len(self.scheduler.waiting) + sum(len(r.held_back) for r in self.requests.values()),
             kv_total_tokens=self.kv_capacity_tokens,
             kv_used_tokens=self.blocks.num_used_blocks * bs,
-            prefix_cache_hit_tokens=self.blocks.prefix_hit_tokens,
+            prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
             steps=self.steps,
         )
 

@@ -56,7 +56,6 @@ class BlockManager:
         self.cached: dict[int, int] = {}
         # Unreferenced blocks, oldest first: the front is evicted first, cached content or not.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.prefix_hit_tokens = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -114,10 +113,8 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(h)
             parent = h
-        hit = len(seq.block_table) * bs
-        seq.num_computed_tokens = hit
-        self.prefix_hit_tokens += hit
-        return hit
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        return seq.num_computed_tokens
 
     def share_prefix(self, source: Sequence, seq: Sequence) -> int:
         """Give `seq` the full, computed blocks of `source` (which has the same prompt): n > 1 choices.

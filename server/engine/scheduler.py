@@ -37,6 +37,8 @@ class Scheduler:
         """Deterministic mode: chunk boundaries at fixed multiples, whatever else shares the step."""
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefix_hit_tokens = 0
+        """Prompt tokens whose keys and values came from the prefix cache instead of being computed."""
 
     @property
     def has_work(self) -> bool:
@@ -94,18 +96,19 @@ class Scheduler:
             step.sequences.append(seq)
             step.num_tokens.append(n)
 
-        # Keep a block per running sequence in reserve so admissions do not force preemptions.
+        # Only running sequences hold blocks: one that cannot be admitted gives back what it matched
+        # (still findable by hash), so a queue of waiters can never wedge the cache.
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.match_prefix(seq)
+            hit = 0 if seq.block_table else self.blocks.match_prefix(seq)
             n = self._chunk(seq, budget)
-            reserve = len(self.running)
-            needed = self.blocks.blocks_needed(seq, seq.num_tokens) + reserve
-            if needed > self.blocks.num_free_blocks and self.running:
+            # Keep a block per running sequence in reserve so admissions do not force preemptions.
+            needed = self.blocks.blocks_needed(seq, seq.num_tokens) + len(self.running)
+            fits = needed <= self.blocks.num_free_blocks or not self.running
+            if not (fits and self.blocks.allocate(seq, seq.num_computed_tokens + n)):
+                self.blocks.release(seq)
                 break
-            if not self.blocks.allocate(seq, seq.num_computed_tokens + n):
-                break
+            self.prefix_hit_tokens += hit
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -1,0 +1,21 @@
+"""Engine fixtures: a factory for synchronous engines over the tiny checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from server.engine.config import EngineConfig
+from server.engine.engine import LLMEngine
+
+
+@pytest.fixture
+def make_engine(tiny_checkpoint: Path) -> Callable[..., LLMEngine]:
+    def make(**overrides: object) -> LLMEngine:
+        settings: dict[str, object] = {"model": tiny_checkpoint, "kv_cache_tokens": 4096}
+        settings.update(overrides)
+        return LLMEngine(EngineConfig(**settings))  # type: ignore[arg-type]
+
+    return make

@@ -1,0 +1,89 @@
+"""The sampler on hand-made logits: each parameter does what it says."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from server.engine.params import SamplingParams
+from server.engine.sampler import SampleRow, sample
+
+PROBS = torch.tensor([0.55, 0.25, 0.15, 0.05])
+
+
+def row(
+    generator: torch.Generator | None = None, output: list[int] | None = None, **params: object
+) -> SampleRow:
+    return SampleRow(SamplingParams(**params), [], output or [], generator, ())  # type: ignore[arg-type]
+
+
+def draw(r: SampleRow, times: int = 400, logits: torch.Tensor | None = None) -> Counter[int]:
+    base = PROBS.log() if logits is None else logits
+    return Counter(sample(base.repeat(times, 1), [r] * times).token_ids)
+
+
+def test_greedy_and_temperature_sampling_follow_the_distribution() -> None:
+    assert set(draw(row(temperature=0))) == {0}
+    counts = draw(row(temperature=1.0), times=4000)
+    for token, p in enumerate(PROBS.tolist()):
+        assert abs(counts[token] / 4000 - p) < 0.035
+    cold = draw(row(temperature=0.2), times=1000)
+    assert cold[0] > 950
+
+
+def test_top_k_top_p_min_p_filter_the_tail() -> None:
+    assert set(draw(row(top_k=2))) == {0, 1}
+    assert set(draw(row(top_k=1))) == {0}
+    assert set(draw(row(top_p=0.7))) == {0, 1}  # 0.55 < 0.7 <= 0.80
+    assert set(draw(row(top_p=0.5))) == {0}
+    assert set(draw(row(min_p=0.4))) == {0, 1}  # keep p >= 0.4 * 0.55 = 0.22
+
+
+def test_logit_bias_and_banned_ids() -> None:
+    assert set(draw(row(temperature=0, logit_bias={3: 100}))) == {3}
+    assert set(draw(row(logit_bias={0: -100, 1: -100}))) <= {2, 3}
+    banned = SampleRow(SamplingParams(temperature=0), [], [], None, (0,))
+    assert sample(PROBS.log()[None], [banned]).token_ids == [1]
+
+
+def test_penalties_discourage_seen_tokens() -> None:
+    logits = torch.tensor([2.0, 1.9, 0.0, -1.0])
+    assert sample(logits[None], [row(temperature=0, output=[0])]).token_ids == [0]
+    assert sample(logits[None], [row(temperature=0, output=[0], presence_penalty=0.5)]).token_ids == [1]
+    assert sample(logits[None], [row(temperature=0, output=[0], frequency_penalty=0.06)]).token_ids == [0]
+    assert sample(logits[None], [row(temperature=0, output=[0, 0], frequency_penalty=0.06)]).token_ids == [1]
+    assert sample(logits[None], [row(temperature=0, output=[0], repetition_penalty=1.5)]).token_ids == [1]
+    # Repetition penalty multiplies negative logits: a seen negative token gets less likely still.
+    neg = torch.tensor([-1.0, -1.2, -5.0, -5.0])
+    assert sample(neg[None], [row(temperature=0, output=[0], repetition_penalty=1.5)]).token_ids == [1]
+
+
+def test_seeded_rows_are_reproducible_and_independent_of_the_batch() -> None:
+    def seeded(seed: int) -> SampleRow:
+        return row(generator=torch.Generator().manual_seed(seed), temperature=1.0)
+
+    uniform = torch.zeros(50)
+    a = [sample(uniform[None], [r]).token_ids[0] for r in [seeded(7)] * 1 for _ in range(1)]
+    gen = seeded(7)
+    alone = [sample(uniform[None], [gen]).token_ids[0] for _ in range(20)]
+    gen2 = seeded(7)
+    crowded = [sample(uniform.repeat(3, 1), [row(), gen2, row()]).token_ids[1] for _ in range(20)]
+    assert alone == crowded
+    assert a[0] == alone[0]
+    other = seeded(8)
+    assert [sample(uniform[None], [other]).token_ids[0] for _ in range(20)] != alone
+
+
+def test_logprobs_and_non_finite_rows() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0]])
+    out = sample(logits, [row(temperature=0, logprobs=2), row(temperature=0)])
+    assert out.finite == [True, False]
+    chosen, top = out.logprobs[0] or (0.0, [])
+    expected = torch.log_softmax(logits[0], -1)
+    assert out.token_ids[0] == 2
+    assert chosen == pytest.approx(expected[2].item())
+    assert [t for t, _ in top] == [2, 1]
+    assert top[1][1] == pytest.approx(expected[1].item())
+    assert out.logprobs[1] is None
