@@ -75,14 +75,22 @@ def _safetensors_files(directory: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        # Shard names must be plain file names in this directory (no "../", no subfolders).
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         return [directory / name for name in sorted(set(weight_map.values()))]
     single = directory / WEIGHTS_FILE
     if single.exists():
         return [single]
-    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-        raise CheckpointError(f"{directory}: only pickle weights found; convert them to safetensors")
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth") for p in directory.glob(pattern))
+    if pickled:
+        raise CheckpointError(
+            f"{directory}: only pickle weights found ({', '.join(pickled)}); convert them to safetensors"
+        )
     raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}")
 
 
@@ -127,7 +135,8 @@ def load_model(
     model = Transformer(config)
     expected = _expected_hf_shapes(model)
     loaded: dict[str, Tensor] = {}
-    for path, name, tensor in _read_tensors(_safetensors_files(directory)):
+    files = _safetensors_files(directory)
+    for path, name, tensor in _read_tensors(files):
         if IGNORED_TENSORS.match(name):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -142,7 +151,8 @@ def load_model(
     missing = sorted(set(expected) - set(loaded))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{directory}: missing tensor {missing[0]!r}{more}")
+        source = files[0] if len(files) == 1 else directory / INDEX_FILE
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
     state = {}
     for name in model.state_dict():
         if name == "lm_head.weight" and config.tie_word_embeddings:

@@ -33,6 +33,11 @@ REQUIRED_KEYS = (
 )
 
 
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -55,6 +60,8 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        for name in REQUIRED_KEYS:  # before they are used as divisors below
+            _check_positive_int(name, getattr(self, name))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -64,10 +71,8 @@ class ModelConfig:
                     f"num_attention_heads {self.num_attention_heads}"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        for name in REQUIRED_KEYS + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _check_positive_int(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by "
@@ -80,9 +85,15 @@ class ModelConfig:
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ConfigError(f"rope_scaling must be an object, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("default", "linear", "llama3"):
                 raise ConfigError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+            needed = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}
+            absent = [k for k in needed.get(kind, ()) if k not in self.rope_scaling]
+            if absent:
+                raise ConfigError(f"rope_scaling type {kind!r} is missing key(s) {', '.join(absent)}")
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -132,8 +143,8 @@ class ModelConfig:
         rope = data.get("rope_parameters")
         if isinstance(rope, dict):
             kwargs.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-            if rope.get("rope_type", "default") != "default":
-                kwargs.setdefault("rope_scaling", rope)
+            if rope.get("rope_type", "default") != "default" and kwargs.get("rope_scaling") is None:
+                kwargs["rope_scaling"] = rope  # also over a leftover `"rope_scaling": null`
         dtype = kwargs.get("torch_dtype") or data.get("dtype") or "float32"
         kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
         try:
