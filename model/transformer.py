@@ -29,7 +29,7 @@ class AttentionGroup:
     """`rows` sequences with `q_len` new tokens each, stored contiguously in the flat batch.
 
     Keys are read from cache slots `read_slots` ([rows * kv_len], in position order, padded with
-    any valid slot); `mask` ([rows, 1, q_len, kv_len], True = may attend) hides padding and the future.
+    a slot holding finite values); `mask` ([rows, 1, q_len, kv_len], True = may attend) hides padding and the future.
     """
 
     start: int
@@ -236,7 +236,9 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
-    def generate(self, tokens: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0) -> Tensor:
+    def generate(
+        self, tokens: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0
+    ) -> Tensor:
         """Reference generation by full recompute (no cache): simple and obviously right.
 
         Used for samples during training and as the oracle the cached engine is checked against.

@@ -85,7 +85,10 @@ class LLMEngine:
                 f"{self.max_model_len}: raise --kv-cache-tokens or lower --max-model-len"
             )
         self.kv_capacity_tokens = num_blocks * config.block_size
-        cache = allocate_cache(self.model_config, self.kv_capacity_tokens, self.dtype, self.device)
+        # One extra block: block 0, the null block that padding reads.
+        cache = allocate_cache(
+            self.model_config, self.kv_capacity_tokens + config.block_size, self.dtype, self.device
+        )
         prefix_caching = config.enable_prefix_caching and not config.deterministic
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
         self.scheduler = Scheduler(
@@ -95,11 +98,13 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self.token_bytes = self.tokenizer.token_bytes
+        # Model vocabularies are often padded past the tokenizer's; those ids decode to nothing.
+        padding = [b""] * (self.model_config.vocab_size - self.tokenizer.vocab_size)
+        self.token_bytes = self.tokenizer.token_bytes + padding
         self.token_bytes_with_special = [
             b or self.tokenizer.decode([i], skip_special_tokens=False).encode()
-            for i, b in enumerate(self.token_bytes)
-        ]
+            for i, b in enumerate(self.tokenizer.token_bytes)
+        ] + padding
         self.requests: dict[int, Request] = {}
         self.steps = 0
 
@@ -176,6 +181,8 @@ class LLMEngine:
             if seq.request.done:
                 continue
             if not result.finite[i]:
+                for s in seq.request.sequences:
+                    self.blocks.forget(s)
                 outputs.extend(self._fail(seq.request, "the model produced non-finite logits"))
                 continue
             outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))

@@ -5,6 +5,9 @@ The cache is `num_blocks * block_size` token slots per layer. A sequence owns a 
 Full blocks are content-addressed by a hash chain over their tokens, so a later prompt with the
 same prefix reuses them (prefix caching). A block nobody references stays findable by its hash
 until it is handed out again, least recently freed first.
+
+Block 0 is never handed out: it stays zero and is what padding reads. A masked score still
+multiplies its value (0 * NaN is NaN), so padding must point at finite numbers.
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.num_blocks = num_blocks
+        """Usable blocks, not counting the null block 0."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.ref_counts = [0] * (num_blocks + 1)
+        self.block_hash: list[int | None] = [None] * (num_blocks + 1)
         self.cached: dict[int, int] = {}
         # Unreferenced blocks, oldest first: the front is evicted first, cached content or not.
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks + 1))
 
     @property
     def num_free_blocks(self) -> int:
@@ -144,6 +148,14 @@ class BlockManager:
             if h not in self.cached and self.block_hash[block] is None:
                 self.cached[h] = block
                 self.block_hash[block] = h
+
+    def forget(self, seq: Sequence) -> None:
+        """Unpublish `seq`'s blocks: their content is suspect and must not serve later prompts."""
+        for block in seq.block_table:
+            h = self.block_hash[block]
+            if h is not None:
+                del self.cached[h]
+                self.block_hash[block] = None
 
     def release(self, seq: Sequence) -> None:
         """Drop `seq`'s references; blocks nobody uses go back to the free list (newest last)."""

@@ -53,9 +53,10 @@ class ModelRunner:
                 positions.append(p)
                 writes.append(s.block_table[p // bs] * bs + p % bs)
             kv_len = max(positions) + 1
-            read = self._slots(self._table(decodes, kv_len), kv_len)
-            lens = torch.tensor(positions, device=self.device)
-            mask = (arange(kv_len, device=self.device)[None, :] <= lens[:, None])[:, None, None, :]
+            last = torch.tensor(positions, device=self.device)
+            mask = (arange(kv_len, device=self.device)[None, :] <= last[:, None])[:, None, None, :]
+            # Past its own length a row reads the null block: stale slots are never touched.
+            read = self._slots(self._table(decodes, kv_len), kv_len) * mask[:, 0, 0, :]
             groups.append(AttentionGroup(0, len(decodes), 1, kv_len, read.flatten(), mask))
             last_rows.extend(range(len(decodes)))
         for s, n in zip(seqs[len(decodes) :], counts[len(decodes) :], strict=True):

@@ -289,3 +289,14 @@ def test_results_keep_order_and_usage(make_engine: Callable[..., LLMEngine]) -> 
         r.tokens(1)
     )
     assert r.finished.timings.first_token is not None and r.finished.timings.finished is not None
+
+
+def test_garbage_in_free_cache_slots_never_reaches_a_sequence(make_engine: Callable[..., LLMEngine]) -> None:
+    engine = make_engine()
+    prompts = random_prompts(6, engine.tokenizer.vocab_size, seed=11)
+    clean = [r.tokens() for r in run(engine, [submit(engine, p, GREEDY) for p in prompts])]
+    fresh = make_engine(enable_prefix_caching=False)
+    for k, v in fresh.runner.cache:  # every slot but the null block holds NaN, as after a failed forward
+        k[fresh.blocks.block_size :] = float("nan")
+        v[fresh.blocks.block_size :] = float("nan")
+    assert [r.tokens() for r in run(fresh, [submit(fresh, p, GREEDY) for p in prompts])] == clean
