@@ -1,0 +1,125 @@
+"""The FastAPI application: middleware, routes, and the engine's lifecycle (start, drain, stop).
+
+The engine is built (weights loaded) by the caller before the app exists, so a bad checkpoint fails
+before any port opens; the lifespan only starts its step thread and, at the end, drains it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from server.api import errors
+from server.api.auth import APIKeyMiddleware
+from server.api.errors import APIError
+from server.api.limits import BodyLimitMiddleware
+from server.api.openai import router
+from server.settings import Settings
+
+log = logging.getLogger("server.api")
+
+EXPOSED_HEADERS = ["x-request-id", "x-queue-time", "x-time-to-first-token", "x-time-per-token", "retry-after"]
+
+
+@dataclass
+class ServerState:
+    """What the routes share: settings, the engine, the served name, and whether we are shutting down."""
+
+    settings: Settings
+    engine: Any
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    drained: bool = False
+
+    def check_model(self, name: str) -> None:
+        """Every request names the model; a name we do not serve is a 404, as OpenAI answers."""
+        if name != self.model_name:
+            raise APIError(
+                404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tinyserve",
+            "max_model_len": self.engine.max_model_len,
+        }
+
+    def readiness(self) -> str:
+        if self.draining:
+            return "draining"
+        return "ready" if self.engine.is_ready else "not_ready"
+
+
+async def drain(state: ServerState, grace_seconds: float) -> None:
+    """Stop admitting, give running requests `grace_seconds` to finish, then end the rest with an error.
+
+    Idempotent: the SIGTERM handler calls it first, the lifespan's shutdown again.
+    """
+    if state.drained:
+        return
+    state.draining = True
+    state.engine.stop_admitting()
+    log.info("shutting down: no new requests; waiting up to %gs for running ones", grace_seconds)
+    if not await state.engine.drain(grace_seconds):
+        stats = state.engine.stats()
+        log.warning(
+            "grace period over: ending %d running and %d waiting requests", stats.running, stats.waiting
+        )
+        state.engine.abort_all("the server is shutting down")
+    state.drained = True
+
+
+def create_app(settings: Settings, engine: Any) -> FastAPI:
+    """The ASGI app serving `engine` (an AsyncEngine, loaded but not started)."""
+    state = ServerState(
+        settings=settings, engine=engine, model_name=settings.served_model_name or engine.model_name
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await drain(state, settings.shutdown_grace_seconds)
+            engine.shutdown()
+
+    # Outermost first: CORS answers preflights and decorates errors; auth precedes reading any body.
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=EXPOSED_HEADERS,
+                max_age=600,
+            )
+        )
+    if settings.api_key:
+        middleware.append(
+            Middleware(
+                APIKeyMiddleware, api_key=settings.api_key, metrics_without_auth=settings.metrics_without_auth
+            )
+        )
+    middleware.append(Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes))
+
+    app = FastAPI(title="tinyserve", version="0.1.0", lifespan=lifespan, middleware=middleware)
+    app.state.server = state
+    errors.install(app)
+    app.include_router(router)
+    return app

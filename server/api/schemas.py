@@ -1,0 +1,284 @@
+"""OpenAI request models (pydantic: types and shape only) and the response bodies we send.
+
+Limits live in `SamplingParams`; these models only check that each field has the right type, so a
+bad value is reported once, by the engine's own validation. Fields we accept but do not implement
+are declared so that a request using them gets a 400 naming them instead of being silently ignored.
+Responses are plain dicts: they are built per token on the streaming path, where pydantic would cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from server.engine.outputs import TokenLogprob
+from server.engine.params import ParamError, SamplingParams
+
+MAX_PROMPTS = 64
+"""Most prompts in one completions call (each is queued as its own engine request)."""
+
+Prompt = str | list[int] | list[str | list[int]]
+
+
+class _Strict(BaseModel):
+    # strict: "2" is not an int and "true" is not a bool; extra="forbid": typos are errors, not no-ops.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    """Fields both endpoints share. None means "not given": SamplingParams' default applies."""
+
+    model: str
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+
+    _PASSED: ClassVar[tuple[str, ...]] = (
+        "n", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
+        "top_k", "min_p", "repetition_penalty", "ignore_eos", "stop_token_ids", "min_tokens",
+        "skip_special_tokens",
+    )  # fmt: skip
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        return {name: value for name in self._PASSED if (value := getattr(self, name)) is not None}
+
+    def _check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+
+    def renamed(self, exc: ParamError) -> ParamError:
+        return exc
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Generation):
+    prompt: Prompt
+    max_tokens: int | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list, each a string or token ids; shape errors as ParamError."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            prompts: list[Any] = [self.prompt]
+        else:
+            prompts = list(self.prompt)
+        if not prompts:
+            raise ParamError("prompt", "prompt must not be empty")
+        if len(prompts) > MAX_PROMPTS:
+            raise ParamError("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        for p in prompts:
+            if len(p) == 0:
+                raise ParamError("prompt", "prompt must not be empty")
+        return prompts
+
+    def sampling_params(self) -> SamplingParams:
+        """Validate everything not tied to the model; raise ParamError naming the field."""
+        self._check_common()
+        if self.echo:
+            raise ParamError("echo", "echo is not supported")
+        if self.suffix:
+            raise ParamError("suffix", "suffix is not supported")
+        kwargs = self._sampling_kwargs()
+        if self.best_of is not None and self.best_of != kwargs.get("n", 1):
+            raise ParamError("best_of", "best_of is not supported (only best_of equal to n)")
+        if self.max_tokens is not None:
+            kwargs["max_tokens"] = self.max_tokens
+        if self.logprobs is not None:
+            kwargs["logprobs"] = self.logprobs
+        return SamplingParams(**kwargs)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one string; list content may hold only text parts (joined by newlines)."""
+        if isinstance(self.content, str):
+            return self.content
+        if self.content is None:
+            raise ParamError("messages", f"messages[{index}].content is required")
+        texts = []
+        for j, part in enumerate(self.content):
+            where = f"messages[{index}].content[{j}]"
+            if part.get("type") != "text":
+                raise ParamError(
+                    "messages",
+                    f"{where}: content part type {part.get('type')!r} is not supported (only 'text')",
+                )
+            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ParamError("messages", f'{where}: a text part is {{"type": "text", "text": string}}')
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    # Accepted and ignored: they change nothing in the output.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # Declared only to be refused by name.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+    def _unsupported(self) -> str | None:
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice"
+        for name in (
+            "functions",
+            "function_call",
+            "audio",
+            "prediction",
+            "reasoning_effort",
+            "web_search_options",
+        ):
+            if getattr(self, name) is not None:
+                return name
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format"
+        if self.modalities is not None and self.modalities != ["text"]:
+            return "modalities"
+        return None
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Messages as the chat template takes them; developer messages count as system ones."""
+        if not self.messages:
+            raise ParamError("messages", "messages must not be empty")
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+            for i, m in enumerate(self.messages)
+        ]
+
+    def sampling_params(self) -> SamplingParams:
+        self._check_common()
+        unsupported = self._unsupported()
+        if unsupported:
+            raise ParamError(unsupported, f"{unsupported} is not supported by this server")
+        kwargs = self._sampling_kwargs()
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        kwargs["max_tokens"] = limit  # None: up to the context, as OpenAI's chat default
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs requires logprobs to be true")
+        if self.logprobs:
+            kwargs["logprobs"] = self.top_logprobs or 0
+        try:
+            return SamplingParams(**kwargs)
+        except ParamError as exc:
+            raise self.renamed(exc) from None
+
+    def renamed(self, exc: ParamError) -> ParamError:
+        """The error under the name this request used (SamplingParams says max_tokens and logprobs)."""
+        names = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        if exc.param not in names:
+            return exc
+        return ParamError(names[exc.param], str(exc).replace(exc.param, names[exc.param]))
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- response bodies -------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+class LegacyLogprobs:
+    """Completions' logprobs (tokens, token_logprobs, top_logprobs, text_offset) for one choice.
+
+    Offsets count characters from the start of the choice's text, across stream chunks.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def render(self, items: list[TokenLogprob]) -> dict[str, Any]:
+        offsets = []
+        for item in items:
+            offsets.append(self.offset)
+            self.offset += len(item.token)
+        return {
+            "tokens": [t.token for t in items],
+            "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{alt.token: alt.logprob for alt in t.top} for t in items],
+            "text_offset": offsets,
+        }
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": t.bytes,
+                "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": a.bytes} for a in t.top],
+            }
+            for t in items
+        ],
+        "refusal": None,
+    }
