@@ -28,8 +28,9 @@ from model.config import ModelConfig
 class AttentionGroup:
     """`rows` sequences with `q_len` new tokens each, stored contiguously in the flat batch.
 
-    Keys are read from cache slots `read_slots` ([rows * kv_len], in position order, padded with
-    a slot holding finite values); `mask` ([rows, 1, q_len, kv_len], True = may attend) hides padding and the future.
+    Keys are read from cache slots `read_slots` ([rows * kv_len], in position order, padded with a
+    slot holding finite values); `mask` ([rows, 1, q_len, kv_len], True = may attend) hides padding
+    and the future.
     """
 
     start: int
@@ -109,21 +110,25 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        layer_cache: tuple[Tensor, Tensor] | None,
-        batch: CacheBatch | None,
-    ) -> Tensor:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values [..., heads, head_dim], rotated to their positions."""
         lead = x.shape[:-1]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = apply_rotary(q.view(*lead, self.n_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(*lead, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(*lead, self.n_kv_heads, self.head_dim)
+        return q, k, v.view(*lead, self.n_kv_heads, self.head_dim)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layer_cache: tuple[Tensor, Tensor] | None,
+        batch: CacheBatch | None,
+    ) -> Tensor:
+        """Attention output [..., heads, head_dim]: causal over the batch, or over the cache."""
         if layer_cache is None:
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q.transpose(1, 2),
                 k.transpose(1, 2),
                 v.transpose(1, 2),
@@ -131,10 +136,8 @@ class Attention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_heads != self.n_kv_heads,
             ).transpose(1, 2)
-        else:
-            assert batch is not None
-            out = self._attend_cached(q, k, v, layer_cache, batch)
-        return self.o_proj(out.reshape(*lead, -1))
+        assert batch is not None
+        return self._attend_cached(q, k, v, layer_cache, batch)
 
     def _attend_cached(
         self, q: Tensor, k: Tensor, v: Tensor, layer_cache: tuple[Tensor, Tensor], batch: CacheBatch
@@ -178,8 +181,25 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cos, sin, layer_cache, batch) -> Tensor:  # type: ignore[no-untyped-def]
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, batch))
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        layer_cache: tuple[Tensor, Tensor] | None,
+        batch: CacheBatch | None,
+    ) -> Tensor:
+        q, k, v = self.attention_inputs(x, cos, sin)
+        return self.attention_output_and_mlp(x, self.self_attn.attend(q, k, v, layer_cache, batch))
+
+    # The two per-token halves of a block, around attention: `Transformer.compile_dense` compiles
+    # them, while cache writes and attention stay eager (compiling an in-place cache write would
+    # copy the whole cache every step).
+    def attention_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def attention_output_and_mlp(self, x: Tensor, attn: Tensor) -> Tensor:
+        x = x + self.resid_dropout(self.self_attn.o_proj(attn.flatten(-2)))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -210,6 +230,15 @@ class Transformer(nn.Module):
                 std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def compile_dense(self) -> None:
+        """torch.compile each block's per-token work (norms, projections, rotary, MLP, residuals).
+
+        Shapes are dynamic in the number of tokens, so one graph per half serves every step.
+        """
+        for block in self.layers:
+            block.attention_inputs = torch.compile(block.attention_inputs, dynamic=True)  # type: ignore[method-assign]
+            block.attention_output_and_mlp = torch.compile(block.attention_output_and_mlp, dynamic=True)  # type: ignore[method-assign]
 
     def forward(
         self,

@@ -94,7 +94,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.prefill_chunk_tokens, aligned_chunks=config.deterministic
         )
-        self.runner = ModelRunner(self.model, cache, config.block_size, self.device, config.deterministic)
+        self.runner = ModelRunner(
+            self.model, cache, config.block_size, self.device, config.deterministic, config.compile
+        )
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -18,13 +18,21 @@ from server.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, cache: KVCache, block_size: int, device: torch.device, deterministic: bool
+        self,
+        model: Transformer,
+        cache: KVCache,
+        block_size: int,
+        device: torch.device,
+        deterministic: bool,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
         self.block_size = block_size
         self.device = device
         self.deterministic = deterministic
+        if compile:
+            model.compile_dense()
 
     def _slots(self, block_tables: Tensor, length: int) -> Tensor:
         """[rows, length] cache slots of positions 0..length-1 of each row's block table."""
