@@ -106,14 +106,17 @@ async def _start(
     if state.draining:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     engine = state.engine
-    if messages is not None:
-        call.prompts = messages
-        prompt_ids = [await engine.encode_chat(messages)]
-    else:
-        call.prompts = prompts or []
-        encoded = await asyncio.gather(*(engine.encode(p) for p in call.prompts if isinstance(p, str)))
-        texts = iter(encoded)
-        prompt_ids = [next(texts) if isinstance(p, str) else p for p in call.prompts]
+    try:
+        if messages is not None:
+            call.prompts = messages
+            prompt_ids = [await engine.encode_chat(messages)]
+        else:
+            call.prompts = prompts or []
+            encoded = await asyncio.gather(*(engine.encode(p) for p in call.prompts if isinstance(p, str)))
+            texts = iter(encoded)
+            prompt_ids = [next(texts) if isinstance(p, str) else p for p in call.prompts]
+    except ValueError as exc:  # the tokenizer's own errors (a chat template that refuses the messages)
+        raise APIError(400, str(exc), param="messages" if messages is not None else "prompt") from None
     try:
         return await RequestGroup.submit(engine, prompt_ids, params, call.id)
     except ParamError as exc:
