@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from server.engine.outputs import (
     EngineStats,
     EngineStopped,
     Finished,
+    StepStats,
     Timings,
     TokenLogprob,
     TopLogprob,
@@ -109,6 +111,8 @@ class LLMEngine:
         ] + padding
         self.requests: dict[int, Request] = {}
         self.steps = 0
+        self.last_step: StepStats | None = None
+        """The most recent step's shape and duration (None until a step ran)."""
 
     # -- requests in ---------------------------------------------------------------------------
 
@@ -168,12 +172,21 @@ class LLMEngine:
             if timings.scheduled is None:
                 timings.scheduled = now
                 seq.request.cached_tokens = seq.num_computed_tokens
+        started = time.perf_counter()
+        decode_rows = sum(1 for n in step.num_tokens if n == 1)
+        self.last_step = StepStats(
+            decode_rows=decode_rows,
+            prefill_tokens=sum(step.num_tokens) - decode_rows,
+            preempted=len(step.preempted),
+            seconds=0.0,
+        )
         ready, logits = self.runner.execute(step)
         self.steps += 1
         for seq in step.sequences:
             self.blocks.register_computed(seq)
             self._release_held_back(seq)
         if logits is None:
+            self._time_step(started)
             return []
         rows = [self._sample_row(s) for s in ready]
         result = sample(logits, rows)
@@ -188,7 +201,12 @@ class LLMEngine:
                 outputs.extend(self._fail(seq.request, "the model produced non-finite logits"))
                 continue
             outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))
+        self._time_step(started)
         return outputs
+
+    def _time_step(self, started: float) -> None:
+        assert self.last_step is not None
+        self.last_step = replace(self.last_step, seconds=time.perf_counter() - started)
 
     def _release_held_back(self, seq: Sequence) -> None:
         request = seq.request
@@ -351,6 +369,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = self.core.stats()
+        self._step_listeners: list[Callable[[StepStats], None]] = []
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Call `listener` on the engine thread after every step (metrics); it must be quick."""
+        self._step_listeners.append(listener)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -464,11 +487,15 @@ class AsyncEngine:
                 self._wake.wait()
                 self._wake.clear()
                 continue
+            self.core.last_step = None
             try:
                 outputs.extend(self.core.step())
             except Exception:  # a bug in one step must not kill the engine: fail what was running
                 log.exception("engine step failed; failing the requests in flight")
                 outputs.extend(self.core.fail_all("internal engine error"))
             self._stats = self.core.stats()
+            if self.core.last_step is not None:
+                for listener in self._step_listeners:
+                    listener(self.core.last_step)
             if outputs:
                 self._deliver(outputs)

@@ -94,6 +94,16 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class StepStats:
+    """One engine step, for histograms: how many rows decoded, how many prompt tokens computed."""
+
+    decode_rows: int
+    prefill_tokens: int
+    preempted: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot for gauges and health checks."""
 
