@@ -111,7 +111,8 @@ class Settings:
     log_level: str = field(default="info", metadata=flag("logging level", choices=LOG_LEVELS))
     # Engine
     device: str = field(
-        default=_engine_default("device"), metadata=flag("torch device: cpu, cuda, cuda:1, mps")
+        default=_engine_default("device"),
+        metadata=flag("torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1"),
     )
     dtype: str | None = field(
         default=_engine_default("dtype"),

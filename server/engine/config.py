@@ -9,7 +9,8 @@ from pathlib import Path
 @dataclass(frozen=True)
 class EngineConfig:
     model: Path
-    device: str = "cpu"
+    device: str = "auto"
+    """torch device; "auto" is CUDA when present, else the CPU."""
     dtype: str | None = None
     """float32, bfloat16 or float16; None keeps the checkpoint's own dtype."""
     max_model_len: int | None = None

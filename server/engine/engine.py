@@ -56,7 +56,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
         self.config = config
-        self.device = torch.device(config.device)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if config.device == "auto" else config.device)
         self.model = load_model(config.model, dtype=config.dtype, device=self.device)
         self.model_config = self.model.config
         self.dtype = next(self.model.parameters()).dtype
