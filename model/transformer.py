@@ -61,13 +61,14 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
+        self.shape = (dim,)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.weight, self.eps)
         # Normalize in float32 and cast back before the weight, as transformers does: logits match.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
@@ -91,11 +92,9 @@ def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x[..., heads, head_dim] by per-token angles cos/sin[..., 1, head_dim // 2]."""
+    """Rotate x[..., heads, head_dim] by per-token angles cos/sin[..., 1, head_dim] (HF's layout)."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -112,11 +111,12 @@ class Attention(nn.Module):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values [..., heads, head_dim], rotated to their positions."""
-        lead = x.shape[:-1]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = apply_rotary(q.view(*lead, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(*lead, self.n_kv_heads, self.head_dim), cos, sin)
-        return q, k, v.view(*lead, self.n_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        qk_size = self.split[0] + self.split[1]
+        # q and k sit side by side in the fused output: one rotation serves both.
+        qk = apply_rotary(qkv[..., :qk_size].unflatten(-1, (-1, self.head_dim)), cos, sin)
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=-2)
+        return q, k, qkv[..., qk_size:].unflatten(-1, (self.n_kv_heads, self.head_dim))
 
     def attend(
         self,
@@ -161,6 +161,11 @@ class Attention(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout that costs nothing when serving (an eval-mode nn.Dropout is still a call per use)."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -179,7 +184,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config, dropout)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(
         self,
@@ -199,8 +204,8 @@ class Block(nn.Module):
         return self.self_attn.project(self.input_layernorm(x), cos, sin)
 
     def attention_output_and_mlp(self, x: Tensor, attn: Tensor) -> Tensor:
-        x = x + self.resid_dropout(self.self_attn.o_proj(attn.flatten(-2)))
-        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + _dropout(self.self_attn.o_proj(attn.flatten(-2)), self.dropout, self.training)
+        return x + _dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
 
 
 class Transformer(nn.Module):
@@ -213,9 +218,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.embed_dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         inv_freq = rope_inverse_frequencies(config)
         angles = torch.outer(torch.arange(config.max_position_embeddings).float(), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
@@ -255,9 +261,10 @@ class Transformer(nn.Module):
         """
         if positions is None:
             positions = torch.arange(tokens.shape[-1], device=tokens.device)
-        cos = self.rope_cos[positions].unsqueeze(-2)
-        sin = self.rope_sin[positions].unsqueeze(-2)
-        x = self.embed_dropout(self.embed_tokens(tokens))
+        dtype = self.embed_tokens.weight.dtype
+        cos = self.rope_cos[positions].unsqueeze(-2).to(dtype)
+        sin = self.rope_sin[positions].unsqueeze(-2).to(dtype)
+        x = _dropout(self.embed_tokens(tokens), self.dropout, self.training)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache[i], batch)
         if logits_indices is not None:
