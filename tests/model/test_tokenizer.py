@@ -1,0 +1,158 @@
+"""Tokenizer: exact round trips, token bytes, special tokens, chat template, HF compatibility."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from model.tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer, TokenizerError, train_tokenizer
+
+TEXTS = [
+    "def f(x):\n    return x + 1  # done\n",
+    "emoji 😀🚀👩‍👩‍👧 and flags 🇫🇷, CJK 你好，世界 日本語 한국어",
+    "  leading spaces, tabs\t\tand\r\nwindows newlines\n\n\n",
+    "combining e\u0301 vs é, zero\u200bwidth, NUL\x00 and \x7f controls",
+    "",
+    " ",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint: Path) -> Tokenizer:
+    return Tokenizer.load(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip_is_exact(tok: Tokenizer, text: str) -> None:
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert b"".join(tok.token_bytes[i] for i in ids) == text.encode()
+
+
+def test_token_bytes_cover_vocab_and_split_multibyte_chars(tok: Tokenizer) -> None:
+    assert len(tok.token_bytes) == tok.vocab_size
+    assert all(tok.token_bytes[i] == b"" for i in tok.stop_token_ids)
+    # An emoji unseen in training falls apart into byte tokens that are not valid UTF-8 alone.
+    ids = tok.encode("🦩")
+    assert len(ids) > 1
+    assert b"".join(tok.token_bytes[i] for i in ids) == "🦩".encode()
+
+
+def test_special_tokens_are_text_unless_asked(tok: Tokenizer) -> None:
+    im_end = tok.token_id(IM_END)
+    text = f"hi{IM_END}"
+    assert im_end not in tok.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode(text, parse_special=True)[-1] == im_end
+    ids = tok.encode(text, parse_special=True)
+    assert tok.decode(ids) == "hi"
+    assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_ids_of_special_tokens(tok: Tokenizer) -> None:
+    eos = tok.token_id(ENDOFTEXT)
+    assert tok.bos_token_id == tok.eos_token_id == eos
+    assert tok.stop_token_ids == [eos, tok.token_id(IM_END)]
+
+
+def test_chat_template_renders_chatml(tok: Tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    expected = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+    )
+    assert tok.apply_chat_template(messages, add_generation_prompt=False) == expected
+    assert tok.apply_chat_template(messages) == expected + "<|im_start|>assistant\n"
+    ids = tok.encode(tok.apply_chat_template(messages), parse_special=True)
+    assert ids.count(tok.token_id(IM_START)) == 5
+
+
+def test_chat_template_rejects_unknown_role(tok: Tokenizer) -> None:
+    with pytest.raises(TokenizerError, match="Unsupported role: tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_transformers_loads_it_as_is(tiny_checkpoint: Path, tok: Tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    text = TEXTS[1]
+    assert hf.encode(text) == tok.encode(text)
+    assert hf.decode(tok.encode(text)) == text
+    assert hf.eos_token_id == tok.eos_token_id
+    messages = [{"role": "user", "content": "Hi"}]
+    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        tok.apply_chat_template(messages)
+    )
+
+
+def test_save_load_round_trip(tok: Tokenizer, tmp_path: Path) -> None:
+    tok.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.encode(TEXTS[0]) == tok.encode(TEXTS[0])
+    assert again.chat_template == tok.chat_template
+    assert json.loads((tmp_path / "special_tokens_map.json").read_text())["eos_token"] == ENDOFTEXT
+
+
+def test_load_errors_name_the_file(tmp_path: Path, tok: Tokenizer) -> None:
+    with pytest.raises(TokenizerError, match="tokenizer.json: file not found"):
+        Tokenizer.load(tmp_path)
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="tokenizer.json: not a valid tokenizer file"):
+        Tokenizer.load(tmp_path)
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[oops")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not valid JSON"):
+        Tokenizer.load(tmp_path)
+
+
+def _sentencepiece_style(directory: Path) -> Path:
+    """A Llama-style tokenizer.json: Metaspace pre-tokenizer, byte fallback, AddedToken-dict config."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    vocab |= {"▁": 259, "h": 260, "i": 261, "▁h": 262, "▁hi": 263}
+    bpe = models.BPE(vocab, [("▁", "h"), ("▁h", "i")], unk_token="<unk>", byte_fallback=True)
+    hf = HFTokenizer(bpe)
+    hf.add_special_tokens(["<unk>", "<s>", "</s>"])
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    hf.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_sentencepiece_style_token_bytes(tmp_path: Path) -> None:
+    tok = Tokenizer.load(_sentencepiece_style(tmp_path))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.stop_token_ids) == (1, 2, [2])
+    assert tok.chat_template is None
+    ids = tok.encode("hi hi 😀")
+    assert 263 in ids and 3 + 0xF0 in ids  # a merged piece and a fallback byte
+    assert tok.decode(ids) == "hi hi 😀"
+    # The decoder strips the first '▁'; the engine strips it likewise, token bytes keep it.
+    assert b"".join(tok.token_bytes[i] for i in ids) == " hi hi 😀".encode()
+    assert tok.token_bytes[1] == b""
+    with pytest.raises(TokenizerError, match="no chat_template"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_train_tokenizer_reads_files_and_checks_vocab(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("hello hello hello world " * 50)
+    tok = train_tokenizer([path, "more text"], vocab_size=300)
+    assert 259 < tok.vocab_size <= 300  # merges stop early when the text has no more pairs
+    assert len(tok.encode("hello hello")) == 2
+    with pytest.raises(TokenizerError, match="vocab_size must be at least 259"):
+        train_tokenizer(["x"], vocab_size=100)
