@@ -22,6 +22,7 @@ from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError
 from server.api.limits import BodyLimitMiddleware
 from server.api.openai import router
+from server.api.ui import router as ui_router
 from server.settings import Settings
 
 log = logging.getLogger("server.api")
@@ -122,4 +123,5 @@ def create_app(settings: Settings, engine: Any) -> FastAPI:
     app.state.server = state
     errors.install(app)
     app.include_router(router)
+    app.include_router(ui_router)
     return app
