@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MODEL ?= weights/default
 
-.PHONY: install serve test lint weights bench-engine clean
+.PHONY: install serve test test-tools lint weights bench-engine clean
 
 # Torch first, pinned: a looser spec would pull the CUDA build and gigabytes with it.
 $(STAMP): pyproject.toml
@@ -22,6 +22,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Debian's prometheus, nginx and docker-compose for tests/deploy (which also installs them itself, as root).
+test-tools:
+	sh tests/deploy/install_tools.sh
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -22,7 +22,10 @@ from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError
 from server.api.limits import BodyLimitMiddleware
 from server.api.openai import router
+from server.api.telemetry import TelemetryMiddleware
+from server.api.telemetry import router as telemetry_router
 from server.api.ui import router as ui_router
+from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("server.api")
@@ -32,11 +35,12 @@ EXPOSED_HEADERS = ["x-request-id", "x-queue-time", "x-time-to-first-token", "x-t
 
 @dataclass
 class ServerState:
-    """What the routes share: settings, the engine, the served name, and whether we are shutting down."""
+    """What the routes share: settings, the engine, the served name, metrics, whether we are shutting down."""
 
     settings: Settings
     engine: Any
     model_name: str
+    metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     drained: bool = False
@@ -86,8 +90,12 @@ async def drain(state: ServerState, grace_seconds: float) -> None:
 def create_app(settings: Settings, engine: Any) -> FastAPI:
     """The ASGI app serving `engine` (an AsyncEngine, loaded but not started)."""
     state = ServerState(
-        settings=settings, engine=engine, model_name=settings.served_model_name or engine.model_name
+        settings=settings,
+        engine=engine,
+        model_name=settings.served_model_name or engine.model_name,
+        metrics=Metrics(engine.stats),
     )
+    engine.add_step_listener(state.metrics.observe_step)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,5 +131,8 @@ def create_app(settings: Settings, engine: Any) -> FastAPI:
     app.state.server = state
     errors.install(app)
     app.include_router(router)
+    app.include_router(telemetry_router)
+    # Outermost of all ours: it must see the 401s, 413s and CORS answers too.
+    app.add_middleware(TelemetryMiddleware, metrics=state.metrics, router=app.router)
     app.include_router(ui_router)
     return app

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from server.api import telemetry
 from server.api.errors import APIError, from_engine_exception
 from server.api.generation import (
     Choice,
@@ -57,41 +57,79 @@ def _state(request: Request) -> ServerState:
 
 
 class _Call:
-    """Per-request bookkeeping: id, timing and the one log line written when it ends."""
+    """Per-request bookkeeping: the response id, and what the metrics and the access line hear at the end."""
 
-    def __init__(self, state: ServerState, prefix: str, route: str) -> None:
+    def __init__(self, state: ServerState, request: Request, prefix: str) -> None:
         self.state = state
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
-        self.route = route
+        self.access = telemetry.record_of(request)
+        self.id = self.access.response_id(prefix)
         self.created = int(time.time())
-        self.start = time.monotonic()
         self.prompts: list[Any] = []
         self.outputs: dict[int, list[str]] = {}
+        self.finish_reasons: list[str] = []
+        self.group: RequestGroup | None = None
+        self.num_choices = 0
+        self.error: APIError | None = None
+        self.ended = False
 
     def error_for(self, exc: BaseException) -> APIError:
         if not isinstance(exc, APIError | ParamError | EngineError | EngineOverloaded | EngineStopped):
             log.error("%s failed", self.id, exc_info=exc)
         error = exc if isinstance(exc, APIError) else from_engine_exception(exc)
         if self.state.draining and error.status == 500:
-            return APIError(503, f"the server is shutting down: {exc}", code="shutting_down")
+            error = APIError(503, f"the server is shutting down: {exc}", code="shutting_down")
+        self.error = error
         return error
 
-    def record(self, index: int, text: str) -> None:
+    def started(self, group: RequestGroup, num_choices: int) -> None:
+        """The engine has the work: from here the request ends exactly once (`done` or `abandon`)."""
+        self.group, self.num_choices = group, num_choices
+        self.state.metrics.request_started()
+        self.access.cleanup = self.abandon
+
+    def record(self, index: int, text: str, finish_reason: str | None = None) -> None:
+        if finish_reason is not None:
+            self.finish_reasons.append(finish_reason)
         if self.state.settings.log_prompts:
             self.outputs.setdefault(index, []).append(text)
 
     def done(self, totals: Totals, outcome: str) -> None:
+        """Count the end and fill the access line. `outcome`: "ok", "error NNN" or why it stopped."""
+        if self.ended:
+            return
+        self.ended = True
+        metrics = self.state.metrics
+        result = "finished" if outcome == "ok" else "failed" if outcome.startswith("error") else "aborted"
+        if self.group is not None:
+            metrics.request_ended(result)
+            for reason in self.finish_reasons:
+                metrics.count_finish_reason(reason)
+            unfinished = self.num_choices - len(self.finish_reasons)
+            metrics.count_finish_reason("error" if result == "failed" else "abort", max(unfinished, 0))
+        metrics.count_tokens(totals.prompt_tokens, totals.completion_tokens, totals.cached_tokens)
+        for timings in totals.timings:
+            metrics.observe_timings(timings)
         t = totals.timings_ms()
-        log.info(
-            "%s %s %s: %d prompt + %d completion tokens (%d cached), queue %s ms, ttft %s ms, "
-            "%s ms/token, %.1f ms total",
-            self.id, self.route, outcome, totals.prompt_tokens, totals.completion_tokens,
-            totals.cached_tokens, t["queue_time_ms"], t["time_to_first_token_ms"], t["time_per_token_ms"],
-            1000 * (time.monotonic() - self.start),
-        )  # fmt: skip
+        self.access.fields.update(
+            outcome=result,
+            error=(self.error.code or str(self.error.status)) if self.error else None,
+            prompt_tokens=totals.prompt_tokens,
+            completion_tokens=totals.completion_tokens,
+            cached_tokens=totals.cached_tokens,
+            queue_ms=t["queue_time_ms"],
+            ttft_ms=t["time_to_first_token_ms"],
+            tpot_ms=t["time_per_token_ms"],
+        )
         if self.state.settings.log_prompts:
-            outputs = {i: "".join(parts) for i, parts in sorted(self.outputs.items())}
-            log.info("%s prompts=%r outputs=%r", self.id, self.prompts, outputs)
+            outputs = ["".join(parts) for _, parts in sorted(self.outputs.items())]
+            self.access.fields.update(prompts=self.prompts, outputs=outputs)
+
+    async def abandon(self) -> None:
+        """Run after the response, however it ended: a request that never reached `done` (its stream
+        never started, or its task was cancelled) counts as aborted, and its engine work is closed."""
+        self.done(Totals(), "abandoned")
+        if self.group is not None:
+            await self.group.close()
 
 
 async def _start(
@@ -118,17 +156,19 @@ async def _start(
     except ValueError as exc:  # the tokenizer's own errors (a chat template that refuses the messages)
         raise APIError(400, str(exc), param="messages" if messages is not None else "prompt") from None
     try:
-        return await RequestGroup.submit(engine, prompt_ids, params, call.id)
+        group = await RequestGroup.submit(engine, prompt_ids, params, call.id)
     except ParamError as exc:
         raise call.error_for(body.renamed(exc)) from None
     except Exception as exc:
         raise call.error_for(exc) from None
+    call.started(group, len(prompt_ids) * params.n)
+    return group
 
 
 def _event_source(call: _Call, group: RequestGroup, fmt: StreamFormat) -> EventSourceResponse:
     return EventSourceResponse(
         event_stream(group, fmt, call.error_for, call.done),
-        headers={**STREAM_HEADERS, "x-request-id": call.id},
+        headers=STREAM_HEADERS,
         ping=PING_SECONDS,
         sep="\n",
     )
@@ -148,13 +188,9 @@ async def _finish(
         return Response(status_code=499)
     choices, totals = result
     for i, c in enumerate(choices):
-        call.record(i, c.text)
+        call.record(i, c.text, c.finish_reason)
     call.done(totals, "ok")
     return choices, totals
-
-
-def _headers(call: _Call, totals: Totals) -> dict[str, str]:
-    return {"x-request-id": call.id, **totals.headers()}
 
 
 @router.post("/v1/completions")
@@ -163,7 +199,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
     params = body.sampling_params()
     prompts = body.prompts()
-    call = _Call(state, "cmpl", "completions")
+    call = _Call(state, request, "cmpl")
     group = await _start(state, call, body, params, prompts=prompts)
     want_logprobs = params.logprobs is not None
     base = {"id": call.id, "object": "text_completion", "created": call.created, "model": state.model_name}
@@ -175,7 +211,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             if not delta.text and delta.finish_reason is None and not delta.logprobs:
                 return None
             index = offset + delta.index
-            call.record(index, delta.text)
+            call.record(index, delta.text, delta.finish_reason)
             logprobs = None
             if want_logprobs:
                 logprobs = trackers.setdefault(index, LegacyLogprobs()).render(delta.logprobs or [])
@@ -200,7 +236,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         for i, c in enumerate(choices)
     ]  # fmt: skip
     payload = {**base, "choices": out, "usage": totals.usage(), "system_fingerprint": None}
-    return JSONResponse(payload, headers=_headers(call, totals))
+    return JSONResponse(payload, headers=totals.headers())
 
 
 @router.post("/v1/chat/completions")
@@ -209,7 +245,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state.check_model(body.model)
     params = body.sampling_params()
     messages = body.chat_messages()
-    call = _Call(state, "chatcmpl", "chat")
+    call = _Call(state, request, "chatcmpl")
     group = await _start(state, call, body, params, messages=messages)
     want_logprobs = params.logprobs is not None
     base = {
@@ -224,7 +260,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         def choice(offset: int, delta: Delta) -> dict[str, Any] | None:
             if not delta.text and delta.finish_reason is None and not delta.logprobs:
                 return None
-            call.record(delta.index, delta.text)
+            call.record(delta.index, delta.text, delta.finish_reason)
             return {
                 "index": offset + delta.index,
                 "delta": {"content": delta.text} if delta.text else {},
@@ -257,7 +293,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     ]  # fmt: skip
     payload = {**base, "object": "chat.completion", "choices": out, "usage": totals.usage(),
                "system_fingerprint": None}  # fmt: skip
-    return JSONResponse(payload, headers=_headers(call, totals))
+    return JSONResponse(payload, headers=totals.headers())
 
 
 @router.get("/v1/models")

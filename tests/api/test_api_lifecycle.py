@@ -149,7 +149,8 @@ def test_env_config_and_sigterm_lets_streams_finish(tiny_checkpoint: Path, tmp_p
     lines = [line for line in log.splitlines() if "serving from-env" in line]
     assert len(lines) == 1 and "parameters" in lines[0] and "KV cache" in lines[0]
     assert f"http://127.0.0.1:{port}" in lines[0] and "float32" in lines[0] and "cpu" in lines[0]
-    assert "prompts=['late']" not in log and "prompts=['drain']" in log  # --log-prompts via the environment
+    # --log-prompts via the environment; the refused request never got as far as its prompt
+    assert 'prompts="[\\"late\\"]"' not in log and 'prompts="[\\"drain\\"]"' in log
 
 
 def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event(
