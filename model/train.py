@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from model.checkpoint import CheckpointError, load_model, save_model
+from model.checkpoint import WEIGHTS_FILE, CheckpointError, load_model, save_model
 from model.config import DTYPES, ConfigError, ModelConfig
 from model.data import (
     DEFAULT_EXTENSIONS,
@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         hidden_size=384, layers=6, heads=6, kv_heads=2, intermediate_size=896, vocab_size=8192,
         max_position_embeddings=1024, rope_theta=10000.0, tie_embeddings=True, seq_len=512, batch_size=8,
-        grad_accum=2, lr=2e-3, min_lr=2e-4, warmup_steps=100, max_steps=None, time_budget="65m",
+        grad_accum=2, lr=2e-3, min_lr=2e-4, warmup_steps=100, max_steps=None, time_budget="60m",
         eval_interval=200, eval_batches=16, patience=8, dropout=0.0,
     ),
 }  # fmt: skip
@@ -528,7 +528,8 @@ def _eval_and_keep(
     """Log validation loss; write the servable checkpoint when it improved. Returns (best, bad_evals)."""
     val_loss = result[0] / result[1]
     improved = val_loss < best
-    if improved and d.main:
+    # A resumed run writing to a new directory has no servable weights there until it saves some.
+    if d.main and (improved or not (out / WEIGHTS_FILE).exists()):
         save_model(model, out, dtype=DTYPES[args.save_dtype])
     if d.main:
         record = {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(val_loss), "saved": improved}
