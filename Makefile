@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 MODEL ?= weights/default
 
-.PHONY: install serve test test-tools lint weights bench-engine clean
+.PHONY: install serve test test-tools lint weights clean
 
 # Torch first, pinned: a looser spec would pull the CUDA build and gigabytes with it.
 $(STAMP): pyproject.toml

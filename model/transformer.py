@@ -29,8 +29,8 @@ class AttentionGroup:
     """`rows` sequences with `q_len` new tokens each, stored contiguously in the flat batch.
 
     Keys are read from cache slots `read_slots` ([rows * kv_len], in position order, padded with a
-    slot holding finite values); `mask` ([rows, 1, q_len, kv_len], True = may attend) hides padding
-    and the future.
+    slot holding finite values); `mask` ([rows, 1, q_len, kv_len]) hides padding
+    and the future; boolean (True = may attend) or additive float.
     """
 
     start: int

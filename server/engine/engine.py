@@ -41,7 +41,7 @@ from server.engine.params import ParamError, SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampleRow, sample
 from server.engine.scheduler import Scheduler
-from server.engine.sequence import Request, Sequence
+from server.engine.sequence import Request, Sequence, Status
 
 log = logging.getLogger("server.engine")
 
@@ -150,10 +150,12 @@ class LLMEngine:
         self.requests[id(request)] = request
 
     def abort(self, request: Request) -> None:
+        for seq in request.held_back:  # choices not admitted yet: in no queue, holding no blocks
+            seq.status = Status.FINISHED
+        request.held_back.clear()
         for seq in request.sequences:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
-        request.held_back.clear()
         request.done = True
         self.requests.pop(id(request), None)
 

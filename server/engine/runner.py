@@ -31,6 +31,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.deterministic = deterministic
+        self.dtype = model.embed_tokens.weight.dtype
         if compile:
             model.compile_dense()
 
@@ -38,6 +39,12 @@ class ModelRunner:
         """[rows, length] cache slots of positions 0..length-1 of each row's block table."""
         pos = torch.arange(length, device=self.device)
         return block_tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _additive(self, visible: Tensor) -> Tensor:
+        """Float mask (0 where visible, -inf elsewhere) in the model's dtype: SDPA would otherwise
+        convert a boolean mask in every layer."""
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~visible, float("-inf"))
 
     def _table(self, seqs: list[Sequence], length: int) -> Tensor:
         width = -(-length // self.block_size)
@@ -62,9 +69,10 @@ class ModelRunner:
                 writes.append(s.block_table[p // bs] * bs + p % bs)
             kv_len = max(positions) + 1
             last = torch.tensor(positions, device=self.device)
-            mask = (arange(kv_len, device=self.device)[None, :] <= last[:, None])[:, None, None, :]
+            visible = arange(kv_len, device=self.device)[None, :] <= last[:, None]
             # Past its own length a row reads the null block: stale slots are never touched.
-            read = self._slots(self._table(decodes, kv_len), kv_len) * mask[:, 0, 0, :]
+            read = self._slots(self._table(decodes, kv_len), kv_len) * visible
+            mask = self._additive(visible)[:, None, None, :]
             groups.append(AttentionGroup(0, len(decodes), 1, kv_len, read.flatten(), mask))
             last_rows.extend(range(len(decodes)))
         for s, n in zip(seqs[len(decodes) :], counts[len(decodes) :], strict=True):
@@ -75,7 +83,8 @@ class ModelRunner:
             writes.extend(s.block_table[p // bs] * bs + p % bs for p in range(start, kv_len))
             read = self._slots(self._table([s], kv_len), kv_len)
             q_pos = arange(start, kv_len, device=self.device)
-            mask = (arange(kv_len, device=self.device)[None, :] <= q_pos[:, None])[None, None]
+            visible = arange(kv_len, device=self.device)[None, :] <= q_pos[:, None]
+            mask = self._additive(visible)[None, None]
             groups.append(AttentionGroup(first, 1, n, kv_len, read.flatten(), mask))
             last_rows.append(len(tokens) - 1)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731

