@@ -320,7 +320,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
             raise ParamError("messages", "messages must not be empty")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
                     for i, m in enumerate(body.messages)]  # fmt: skip
-        tokens = await state.engine.encode_chat(messages)
+        try:
+            tokens = await state.engine.encode_chat(messages)
+        except ValueError as exc:  # a chat template that refuses the messages: a 400, as for chat
+            raise ParamError("messages", str(exc)) from None
     else:
         assert body.prompt is not None
         tokens = await state.engine.encode(body.prompt)

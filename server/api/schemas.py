@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from server.engine.outputs import TokenLogprob
 from server.engine.params import ParamError, SamplingParams
@@ -19,6 +19,17 @@ MAX_PROMPTS = 64
 """Most prompts in one completions call (each is queued as its own engine request)."""
 
 Prompt = str | list[int] | list[str | list[int]]
+
+
+def check_unicode(param: str, text: str) -> str:
+    """`text` if it can be encoded as UTF-8; a lone surrogate (JSON allows "\\ud800") is a ParamError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParamError(
+            param, f"{param} is not valid Unicode: lone surrogate at character {exc.start}"
+        ) from None
+    return text
 
 
 class _Strict(BaseModel):
@@ -66,6 +77,8 @@ class _Generation(_Strict):
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+        for stop in [self.stop] if isinstance(self.stop, str) else self.stop or []:
+            check_unicode("stop", stop)
 
     def renamed(self, exc: ParamError) -> ParamError:
         return exc
@@ -96,6 +109,8 @@ class CompletionRequest(_Generation):
         for p in prompts:
             if len(p) == 0:
                 raise ParamError("prompt", "prompt must not be empty")
+            if isinstance(p, str):
+                check_unicode("prompt", p)
         return prompts
 
     def sampling_params(self) -> SamplingParams:
@@ -123,7 +138,7 @@ class ChatMessage(_Strict):
     def text(self, index: int) -> str:
         """The content as one string; list content may hold only text parts (joined by newlines)."""
         if isinstance(self.content, str):
-            return self.content
+            return check_unicode("messages", self.content)
         if self.content is None:
             raise ParamError("messages", f"messages[{index}].content is required")
         texts = []
@@ -136,7 +151,7 @@ class ChatMessage(_Strict):
                 )
             if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
                 raise ParamError("messages", f'{where}: a text part is {{"type": "text", "text": string}}')
-            texts.append(part["text"])
+            texts.append(check_unicode("messages", part["text"]))
         return "\n".join(texts)
 
 
@@ -228,6 +243,11 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _unicode(cls, prompt: str | None) -> str | None:
+        return prompt if prompt is None else check_unicode("prompt", prompt)
 
 
 class DetokenizeRequest(_Strict):

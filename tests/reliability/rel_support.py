@@ -1,0 +1,200 @@
+"""Small tools for the reliability tests: a raw asyncio HTTP/1.1 client, percentiles, RSS, metrics.
+
+The raw client costs a fraction of httpx per request, so a test can drive hundreds of concurrent
+connections from one core, cut a response after any number of bytes, or stop reading altogether.
+It only ever talks to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+HOST = "127.0.0.1"
+
+
+def port_of(url: str) -> int:
+    parts = urlsplit(url)
+    assert parts.hostname == HOST, f"loopback targets only, got {url}"
+    assert parts.port is not None
+    return parts.port
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank: p99 of 100 samples is the 99th smallest."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size from /proc/PID/status (VmRSS, in kB)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition → {'name{labels}': value} (comments skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m:
+            out[(m.group(1) + (m.group(2) or ""))] = float(m.group(3))
+    return out
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes = b""
+    elapsed: float = 0.0
+    """Seconds from the request's last byte sent to the status line received."""
+    events: list[Any] = field(default_factory=list)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def build_request(
+    method: str,
+    path: str,
+    port: int,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    content_type: str | None = "application/json",
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}", "Connection: close"]
+    if body is not None:
+        if content_type is not None:
+            lines.append(f"Content-Type: {content_type}")
+        lines.append(f"Content-Length: {len(body)}")
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+def json_body(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    return status, headers
+
+
+async def iter_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
+    """The body's bytes as they arrive (chunked or Content-Length or until close)."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0].strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return
+            data = await reader.readexactly(size + 2)
+            yield data[:-2]
+    elif "content-length" in headers:
+        remaining = int(headers["content-length"])
+        while remaining:
+            data = await reader.read(min(remaining, 65536))
+            if not data:
+                raise ConnectionError("connection closed before the body ended")
+            remaining -= len(data)
+            yield data
+    else:
+        while data := await reader.read(65536):
+            yield data
+
+
+async def iter_sse(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[Any]:
+    """The `data:` payloads of an SSE body, parsed; `[DONE]` as the string."""
+    buffer = b""
+    async for chunk in iter_body(reader, headers):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if line.startswith(b"data: "):
+                    data = line[6:].decode()
+                    yield data if data == "[DONE]" else json.loads(data)
+
+
+async def open_connection(
+    port: int, rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if rcvbuf is None:
+        return await asyncio.open_connection(HOST, port)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: it sets the window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+    return await asyncio.open_connection(sock=sock, limit=1 << 16)
+
+
+async def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    content_type: str | None = "application/json",
+    timeout: float = 60.0,
+) -> RawResponse:
+    """One complete request; SSE bodies are parsed into `events`."""
+
+    async def go() -> RawResponse:
+        reader, writer = await open_connection(port)
+        try:
+            writer.write(build_request(method, path, port, body, headers, content_type))
+            await writer.drain()
+            sent = time.perf_counter()
+            status, resp_headers = await read_head(reader)
+            elapsed = time.perf_counter() - sent
+            out = RawResponse(status, resp_headers, elapsed=elapsed)
+            if resp_headers.get("content-type", "").startswith("text/event-stream"):
+                out.events = [e async for e in iter_sse(reader, resp_headers)]
+            else:
+                out.body = b"".join([c async for c in iter_body(reader, resp_headers)])
+            return out
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout)
+
+
+def stream_text(events: list[Any], chat: bool = False) -> dict[int, str]:
+    """Each choice's concatenated text from parsed SSE chunks."""
+    texts: dict[int, str] = {}
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        for choice in event.get("choices", []):
+            piece = (choice.get("delta") or {}).get("content", "") if chat else choice.get("text", "")
+            texts[choice["index"]] = texts.get(choice["index"], "") + (piece or "")
+    return texts
