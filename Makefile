@@ -2,32 +2,40 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+RUNTIME := $(VENV)/.runtime-stamp
+DEV := $(VENV)/.dev-stamp
 MODEL ?= weights/default
 
-.PHONY: install serve test test-tools lint weights clean
+.PHONY: install install-dev serve test test-tools lint weights clean
 
 # Torch first, pinned: a looser spec would pull the CUDA build and gigabytes with it.
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -e .
+	touch $(RUNTIME)
 
-install: $(STAMP)
+# Tests also need the reference implementation (transformers), the SDK, Playwright and matplotlib.
+$(DEV): $(RUNTIME)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $(DEV)
+
+install: $(RUNTIME)
+
+install-dev: $(DEV)
 
 serve: install
 	$(BIN)/python -m server --model $(MODEL)
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Debian's prometheus, nginx and docker-compose for tests/deploy (which also installs them itself, as root).
 test-tools:
 	sh tests/deploy/install_tools.sh
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 weights: install
