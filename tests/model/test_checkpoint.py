@@ -4,47 +4,25 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from model.checkpoint import CheckpointError, load_model, save_model, to_hf_state_dict
 from model.config import ModelConfig
 from model.transformer import Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WEIGHTS = "model.safetensors"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: extra intra-op threads only add sync cost (~5x wall time on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Non-trivial values everywhere (norm weights and biases included) so a dropped tensor shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("norm.weight"):
-                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
-            elif name.endswith(".bias"):
-                value = 0.1 * torch.randn(p.shape, generator=gen)
-            elif "embed_tokens" in name:
-                value = torch.randn(p.shape, generator=gen)
-            else:
-                value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
-            p.copy_(value.to(p.dtype))
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:

@@ -8,53 +8,27 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
+from model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
+from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.checkpoint import load_model
 from model.config import ModelConfig
 from model.transformer import AttentionGroup, CacheBatch, KVCache, Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CUDA_SKIP = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device: torch.cuda.is_available() is False"
 )
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: extra intra-op threads only add sync cost (~5x wall time on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Weights large enough that logits have clear winners (greedy is stable) and every term matters.
-
-    Norm weights and biases are made non-trivial too, so a loader that dropped them would be caught.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("norm.weight"):
-                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
-            elif name.endswith(".bias"):
-                value = 0.1 * torch.randn(p.shape, generator=gen)
-            elif "embed_tokens" in name:
-                value = torch.randn(p.shape, generator=gen)
-            else:
-                value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
-            p.copy_(value.to(p.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------
