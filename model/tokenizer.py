@@ -118,16 +118,21 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str, parse_special: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings count as text unless `parse_special`."""
+        """Token ids of `text`; special-token strings count as text unless `parse_special`.
+
+        Through `encode_batch`, which releases the GIL while it works (`encode` holds it: a megabyte
+        prompt tokenized in a worker thread would stall the server's event loop for a second).
+        """
         tok = self._tok if parse_special else self._plain
-        return tok.encode(text, add_special_tokens=False).ids
+        return tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: list[str], parse_special: bool = False) -> list[list[int]]:
         tok = self._tok if parse_special else self._plain
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """The text of `ids`; through `decode_batch`, which releases the GIL (as `encode` above)."""
+        return self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
     def _token_bytes(self) -> list[bytes]:
         spec = json.loads(self._tok.to_str())

@@ -122,10 +122,12 @@ class LLMEngine:
         if not prompt_ids:
             raise ParamError("prompt", "the prompt must not be empty")
         vocab = self.tokenizer.vocab_size
+        # Lengths first: free to check, they bound the scan below (this runs on the event loop).
+        max_tokens = params.check_against_model(len(prompt_ids), vocab, self.max_model_len)
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ParamError("prompt", f"prompt token id {bad} is outside the vocabulary (size {vocab})")
-        return params.check_against_model(len(prompt_ids), vocab, self.max_model_len)
+        return max_tokens
 
     def add(self, request: Request) -> None:
         params = request.params

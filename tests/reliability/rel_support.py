@@ -198,3 +198,36 @@ def stream_text(events: list[Any], chat: bool = False) -> dict[int, str]:
             piece = (choice.get("delta") or {}).get("content", "") if chat else choice.get("text", "")
             texts[choice["index"]] = texts.get(choice["index"], "") + (piece or "")
     return texts
+
+
+async def _heavy_load(port: int, model: str, seconds: float, big_prompt_clients: int, streams: int) -> None:
+    """Streams that keep the running batch full, and clients posting megabyte prompts back to back."""
+    deadline = time.monotonic() + seconds
+    counts = {"streams": 0, "big_prompts": 0, "big_statuses": set()}
+    big = json_body(
+        {"model": model, "prompt": "héllo wörld 😀 你好 def f(x): return x\n" * 25_000, "max_tokens": 4}
+    )
+    stream = json_body({"model": model, "prompt": "load", "n": 4, "max_tokens": 400, "ignore_eos": True,
+                        "stream": True})  # fmt: skip
+
+    async def streamer() -> None:
+        while time.monotonic() < deadline:
+            await asyncio.wait_for(request(port, "POST", "/v1/completions", stream), seconds + 60)
+            counts["streams"] += 1
+
+    async def big_poster() -> None:
+        while time.monotonic() < deadline:
+            r = await asyncio.wait_for(request(port, "POST", "/v1/completions", big), seconds + 60)
+            counts["big_prompts"] += 1
+            counts["big_statuses"].add(r.status)
+
+    tasks = [streamer() for _ in range(streams)] + [big_poster() for _ in range(big_prompt_clients)]
+    await asyncio.gather(*tasks)
+    print(json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in counts.items()}), flush=True)
+
+
+if __name__ == "__main__":  # a load generator in its own process: `rel_support.py PORT MODEL SECONDS BIG`
+    import sys
+
+    _port, _model, _seconds, _big = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    asyncio.run(_heavy_load(_port, _model, _seconds, big_prompt_clients=_big, streams=16))
