@@ -8,17 +8,32 @@ It only ever talks to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import math
 import re
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
+
+
+def load_bench(name: str) -> ModuleType:
+    """bench/NAME.py as a module (the long-run scripts and their bounded tests share one implementation)."""
+    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def port_of(url: str) -> int:
@@ -227,7 +242,5 @@ async def _heavy_load(port: int, model: str, seconds: float, big_prompt_clients:
 
 
 if __name__ == "__main__":  # a load generator in its own process: `rel_support.py PORT MODEL SECONDS BIG`
-    import sys
-
     _port, _model, _seconds, _big = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     asyncio.run(_heavy_load(_port, _model, _seconds, big_prompt_clients=_big, streams=16))
