@@ -142,6 +142,12 @@ class Settings:
         default=_engine_default("max_waiting"),
         metadata=flag("most requests queued; beyond it new ones get 503 + Retry-After", type=positive_int),
     )
+    max_buffered_events: int = field(
+        default=_engine_default("max_buffered_events"),
+        metadata=flag(
+            "most undelivered events per request; a client further behind is cut", type=positive_int
+        ),
+    )
     prefill_chunk_tokens: int = field(
         default=_engine_default("prefill_chunk_tokens"),
         metadata=flag("most prompt tokens computed per step", type=positive_int),
@@ -176,6 +182,7 @@ class Settings:
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
             max_waiting=self.max_waiting,
+            max_buffered_events=self.max_buffered_events,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             enable_prefix_caching=not self.no_prefix_caching,
             deterministic=self.deterministic,

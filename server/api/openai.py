@@ -343,9 +343,11 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    """Liveness: the event loop answers. Says nothing about the engine (see /ready)."""
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness: the event loop answers and the engine thread is alive (readiness is /ready)."""
+    if not _state(request).engine.is_alive:
+        return JSONResponse({"status": "engine stopped"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")

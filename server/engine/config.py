@@ -22,6 +22,8 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     """Most sequences in the running batch."""
+    max_buffered_events: int = 4096
+    """Most events a request may have waiting for its client; one further behind is cut, its cache freed."""
     max_waiting: int = 256
     """Most requests queued before new ones are refused as overloaded."""
     prefill_chunk_tokens: int = 256

@@ -130,6 +130,7 @@ class LLMEngine:
         return max_tokens
 
     def add(self, request: Request) -> None:
+        self.requests[id(request)] = request  # first: if anything below fails, fail_all still reaches it
         params = request.params
         bytes_table = self.token_bytes if params.skip_special_tokens else self.token_bytes_with_special
         for index in range(params.n):
@@ -149,7 +150,6 @@ class LLMEngine:
                 self.scheduler.add(seq)
             else:
                 request.held_back.append(seq)
-        self.requests[id(request)] = request
 
     def abort(self, request: Request) -> None:
         for seq in request.held_back:  # choices not admitted yet: in no queue, holding no blocks
@@ -391,6 +391,11 @@ class AsyncEngine:
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine thread has ended: requests could only hang (liveness fails)."""
+        return self._thread is None or self._thread.is_alive() or self._stopping
+
     def stop_admitting(self) -> None:
         self._admitting = False
 
@@ -477,30 +482,46 @@ class AsyncEngine:
             if isinstance(item, Finished | EngineError):
                 self._finished(request)
         assert self._loop is not None
+        limit = self.config.max_buffered_events
 
         def put_all() -> None:
             for request, item in outputs:
+                if request.cut:
+                    continue
+                if request.sink.qsize() >= limit and isinstance(item, Delta):
+                    # The client stopped reading: cut the request rather than buffer without bound.
+                    request.cut = True
+                    request.sink.put_nowait(EngineError("the client fell too far behind its stream"))
+                    self._post(("abort", request))
+                    continue
                 request.sink.put_nowait(item)
 
         self._loop.call_soon_threadsafe(put_all)
 
+    def _notify(self, stats: StepStats) -> None:
+        for listener in self._step_listeners:
+            try:
+                listener(stats)
+            except Exception:  # a metrics glitch must not fail requests
+                log.exception("step listener failed")
+
     def _run(self) -> None:
         while not self._stopping:
-            outputs = self._drain_inbox()
-            if not outputs and not self.core.has_work:
-                self._stats = self.core.stats()
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            self.core.last_step = None
+            outputs: list[Output] = []
             try:
+                outputs = self._drain_inbox()
+                if not outputs and not self.core.has_work:
+                    self._stats = self.core.stats()
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self.core.last_step = None
                 outputs.extend(self.core.step())
-            except Exception:  # a bug in one step must not kill the engine: fail what was running
+                if self.core.last_step is not None:
+                    self._notify(self.core.last_step)
+            except Exception:  # a bug must not kill the engine thread: fail what was in flight, go on
                 log.exception("engine step failed; failing the requests in flight")
                 outputs.extend(self.core.fail_all("internal engine error"))
             self._stats = self.core.stats()
-            if self.core.last_step is not None:
-                for listener in self._step_listeners:
-                    listener(self.core.last_step)
             if outputs:
                 self._deliver(outputs)

@@ -55,7 +55,7 @@ class Scheduler:
         """Take `seq` out of the queues (finished or aborted) and free its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq in self.waiting:  # a held-back choice, or one whose admission failed, is in no queue
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         self.blocks.release(seq)

@@ -44,6 +44,8 @@ class Request:
     """Choices 1..n-1, admitted once choice 0 has prefilled the prompt they share."""
     cached_tokens: int = 0
     done: bool = False
+    cut: bool = False
+    """Its client fell too far behind; nothing more is delivered."""
 
     @property
     def completion_tokens(self) -> int:

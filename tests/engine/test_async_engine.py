@@ -90,3 +90,52 @@ def test_a_crashing_step_fails_its_requests_but_not_the_engine(tiny_checkpoint: 
             engine.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_a_client_that_stops_reading_is_cut_and_frees_its_cache(tiny_checkpoint: Path) -> None:
+    async def scenario() -> None:
+        engine = AsyncEngine(EngineConfig(model=tiny_checkpoint, max_buffered_events=8))
+        engine.start()
+        try:
+            stalled = engine.submit([5, 6, 7], LONG, "stalled")
+            # Cut once 8 events wait unread: aborted, not kept running for its 400 tokens.
+            await wait_for(lambda: engine.stats().steps >= 9 and engine.stats().running == 0)
+            assert engine.stats().kv_used_tokens == 0 and engine.stats().steps < 20
+            received = []
+            with pytest.raises(EngineError, match="too far behind"):
+                async for event in stalled:
+                    received.append(event)
+            assert len(received) == 8  # what fit in the buffer, then the error
+            events = [e async for e in engine.submit([5, 6, 7], SamplingParams(max_tokens=3), "next")]
+            assert isinstance(events[-1], Finished)
+        finally:
+            engine.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_step_listener_or_inbox_never_kills_the_engine_thread(tiny_checkpoint: Path) -> None:
+    async def scenario() -> None:
+        engine = AsyncEngine(EngineConfig(model=tiny_checkpoint))
+        engine.add_step_listener(lambda stats: 1 / 0)
+        engine.start()
+        try:
+            events = [e async for e in engine.submit([5, 6, 7], SamplingParams(max_tokens=3), "a")]
+            assert isinstance(events[-1], Finished)
+            scheduler = engine.core.scheduler
+            add = scheduler.add
+
+            def broken_add(seq, front=False):  # type: ignore[no-untyped-def]
+                scheduler.add = add  # fail once, while the inbox is being drained
+                raise RuntimeError("injected")
+
+            scheduler.add = broken_add  # type: ignore[method-assign]
+            with pytest.raises(EngineError):
+                async for _ in engine.submit([5, 6, 7], SamplingParams(max_tokens=3), "victim"):
+                    pass
+            events = [e async for e in engine.submit([5, 6, 7], SamplingParams(max_tokens=3), "b")]
+            assert isinstance(events[-1], Finished) and engine.is_alive
+        finally:
+            engine.shutdown()
+
+    asyncio.run(scenario())
