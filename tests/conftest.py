@@ -5,9 +5,11 @@ from __future__ import annotations
 import inspect
 import json
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from server_process import RunningServer, launch
 
 from model.checkpoint import save_model
 from model.config import ModelConfig
@@ -45,3 +47,21 @@ def make_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
+
+
+@pytest.fixture(scope="session")
+def start_server(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningServer]]:
+    """Start the real server (`python -m server` on 127.0.0.1) with extra flags; all stopped at the end."""
+    started: list[RunningServer] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> RunningServer:
+        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        server = launch(tiny_checkpoint, log_path, *args, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -23,8 +23,8 @@ P99_BOUND_S = float(os.environ.get("TINYSERVE_BURST_P99_BOUND_S", "0.5"))
 
 
 @pytest.fixture(scope="module")
-def burst_server(rel_launch: Callable[..., RunningServer]) -> Iterator[RunningServer]:
-    server = rel_launch("--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting", str(MAX_WAITING))
+def burst_server(start_server: Callable[..., RunningServer]) -> Iterator[RunningServer]:
+    server = start_server("--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting", str(MAX_WAITING))
     yield server
     server.stop()
 

@@ -23,8 +23,8 @@ DEADLINE_S = 90
 
 
 @pytest.fixture(scope="module")
-def small_cache_server(rel_launch: Callable[..., RunningServer]) -> Iterator[RunningServer]:
-    server = rel_launch("--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens", str(KV_TOKENS),
+def small_cache_server(start_server: Callable[..., RunningServer]) -> Iterator[RunningServer]:
+    server = start_server("--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-tokens", str(KV_TOKENS),
                         "--block-size", "16")  # fmt: skip
     yield server
     server.stop()

@@ -44,10 +44,10 @@ SERVING_PATH = [
 
 
 @pytest.fixture(scope="module")
-def locked(rel_launch: Callable[..., RunningServer]) -> Iterator[RunningServer]:
+def locked(start_server: Callable[..., RunningServer]) -> Iterator[RunningServer]:
     """A server given an API key and no --host: it must bind 127.0.0.1 by default."""
     port = free_port()
-    server = rel_launch("--api-key", CANARY_KEY, env={"TINYSERVE_PORT": str(port)})
+    server = start_server("--api-key", CANARY_KEY, env={"TINYSERVE_PORT": str(port)})
     yield server
     server.stop()
 

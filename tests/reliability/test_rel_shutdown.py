@@ -63,9 +63,9 @@ def wait_for_load(server: RunningServer, count: int) -> None:
 
 
 def test_sigterm_refuses_new_work_at_once_and_lets_streams_finish(
-    rel_launch: Callable[..., RunningServer],
+    start_server: Callable[..., RunningServer],
 ) -> None:
-    server = rel_launch("--max-num-seqs", "2", "--shutdown-grace-seconds", str(GRACE_S))
+    server = start_server("--max-num-seqs", "2", "--shutdown-grace-seconds", str(GRACE_S))
     results: list[Any] = []
     thread = start_streams(server, results)
     wait_for_load(server, STREAMS)
@@ -110,8 +110,8 @@ def test_sigterm_refuses_new_work_at_once_and_lets_streams_finish(
           f"{exited_at - last_stream:.1f}s more")  # fmt: skip
 
 
-def test_second_sigterm_exits_at_once(rel_launch: Callable[..., RunningServer]) -> None:
-    server = rel_launch("--max-num-seqs", "1", "--shutdown-grace-seconds", "60")
+def test_second_sigterm_exits_at_once(start_server: Callable[..., RunningServer]) -> None:
+    server = start_server("--max-num-seqs", "1", "--shutdown-grace-seconds", "60")
     results: list[Any] = []
     thread = start_streams(server, results)
     wait_for_load(server, STREAMS)

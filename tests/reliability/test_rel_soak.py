@@ -15,9 +15,9 @@ SECONDS = float(os.environ.get("TINYSERVE_SOAK_SECONDS", "60"))
 MAX_DRIFT = 0.02
 
 
-def test_steady_load_without_errors_or_growth(rel_launch: Callable[..., RunningServer]) -> None:
+def test_steady_load_without_errors_or_growth(start_server: Callable[..., RunningServer]) -> None:
     soak = load_bench("soak")
-    server = rel_launch()
+    server = start_server()
     try:
         report = soak.soak(server.url, server.proc.pid, SECONDS, concurrency=4, warmup_s=SECONDS / 3)
     finally:
