@@ -32,6 +32,7 @@ class ModelRunner:
         self.device = device
         self.deterministic = deterministic
         self.dtype = model.embed_tokens.weight.dtype
+        model.pack_linears()
         if compile:
             model.compile_dense()
 
