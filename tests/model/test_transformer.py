@@ -437,3 +437,16 @@ def test_logits_indices_select_rows() -> None:
     full = full_logits(model, ids.tolist())
     assert picked.shape == (2, model.config.vocab_size)
     assert_close(picked, full[[9, 3]], 1e-4, "logits_indices")
+
+
+def test_packed_bfloat16_linears_give_identical_logits() -> None:
+    model = make_model("gqa").to(torch.bfloat16)
+    packed = copy.deepcopy(model)
+    if not packed.pack_linears():
+        pytest.skip("oneDNN is not available in this torch build")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), packed(tokens))
+    assert not copy.deepcopy(model).float().pack_linears(), (
+        "float32 stays unpacked (packing pays only in bf16)"
+    )
