@@ -33,7 +33,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from torch import Tensor
 
 import server.engine.engine as engine_module
-from model.checkpoint import load_config, save_model
+from model.checkpoint import load_config, load_model, save_model
 from model.config import ModelConfig
 from model.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from model.transformer import Transformer
@@ -582,7 +582,7 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         for p in profiles:
             print_profile(p)
         return {"config": vars(args) | {"model": str(model_dir)}, "profile": profiles}
-    weights = linear_weights(engine.model)
+    weights = linear_weights(load_model(model_dir, dtype=args.dtype))  # the engine may have packed its own
     element = weights[0].element_size()
     machine: Machine = measure_machine(weights, args.threads)
     hf_model = None if args.skip_hf else load_hf(model_dir, args.dtype)
@@ -626,7 +626,7 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "config": {
             "model": "random-110m" if args.random_110m else str(model_dir),
-            "parameters": sum(p.numel() for p in engine.model.parameters()),
+            "parameters": engine.num_parameters,
             "dtype": args.dtype,
             "batch_sizes": args.batch_sizes,
             "prompt_tokens": args.prompt_tokens,

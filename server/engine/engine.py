@@ -61,6 +61,7 @@ class LLMEngine:
         self.model = load_model(config.model, dtype=config.dtype, device=self.device)
         self.model_config = self.model.config
         self.dtype = next(self.model.parameters()).dtype
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before the runner packs
         self.tokenizer = Tokenizer.load(config.model)
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(
@@ -362,7 +363,7 @@ class AsyncEngine:
         self.model_name = config.model.resolve().name
         self.max_model_len = self.core.max_model_len
         self.kv_capacity_tokens = self.core.kv_capacity_tokens
-        self.num_parameters = sum(p.numel() for p in self.core.model.parameters())
+        self.num_parameters = self.core.num_parameters
         self.dtype = str(self.core.dtype).removeprefix("torch.")
         self.device = str(self.core.device)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
