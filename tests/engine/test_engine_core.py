@@ -300,3 +300,10 @@ def test_garbage_in_free_cache_slots_never_reaches_a_sequence(make_engine: Calla
         k[fresh.blocks.block_size :] = float("nan")
         v[fresh.blocks.block_size :] = float("nan")
     assert [r.tokens() for r in run(fresh, [submit(fresh, p, GREEDY) for p in prompts])] == clean
+
+
+def test_bfloat16_engine_serves_prompts_longer_than_one_chunk(make_engine: Callable[..., LLMEngine]) -> None:
+    engine = make_engine(dtype="bfloat16", prefill_chunk_tokens=16)
+    prompt = random_prompts(1, engine.tokenizer.vocab_size, seed=12, max_len=60)[0] * 2
+    (r,) = run(engine, [submit(engine, prompt, GREEDY)])
+    assert r.error is None and len(r.tokens()) == 12

@@ -447,6 +447,8 @@ def test_packed_bfloat16_linears_give_identical_logits() -> None:
     tokens = torch.randint(0, model.config.vocab_size, (2, 17))
     with torch.no_grad():
         assert torch.equal(model(tokens), packed(tokens))
+        # A serving step that only advances a prefill chunk asks for logits of no row at all.
+        assert packed(tokens, logits_indices=tokens[:0, 0]).shape == (0, 17, model.config.vocab_size)
     assert not copy.deepcopy(model).float().pack_linears(), (
         "float32 stays unpacked (packing pays only in bf16)"
     )
