@@ -18,7 +18,7 @@ from api_server import RunningServer, Scrape, scrape, sse_events, wait_idle
 from fastapi.testclient import TestClient
 
 from server.api.app import create_app
-from server.engine.outputs import EngineStats
+from server.engine.engine import AsyncEngine
 from server.settings import parse_settings
 
 KEY = "sk-metrics-test"
@@ -184,39 +184,15 @@ def test_one_access_line_per_request(idle: RunningServer, http: httpx.Client) ->
     assert secret not in server.log()
 
 
-class StubEngine:
-    """Just enough engine for create_app: these tests never generate."""
-
-    model_name = "stub"
-    max_model_len = 16
-    is_ready = True
-
-    def __init__(self, running: int) -> None:
-        self.running = running
-        self.listeners: list[Any] = []
-
-    def add_step_listener(self, listener: Any) -> None:
-        self.listeners.append(listener)
-
-    def stats(self) -> EngineStats:
-        return EngineStats(self.running, 2, 100, 25, 0, 0)
-
-    def start(self) -> None: ...
-    def stop_admitting(self) -> None: ...
-    def shutdown(self) -> None: ...
-
-    async def drain(self, timeout: float) -> bool:
-        return True
-
-
 @pytest.fixture
-def two_apps() -> Iterator[list[TestClient]]:
-    apps = [
-        create_app(parse_settings(["--model", str(Path("stub")), "--api-key", KEY], env={}), StubEngine(1)),
-        create_app(parse_settings(["--model", "stub", "--api-key", KEY, "--metrics-without-auth"], env={}),
-                   StubEngine(7)),
-    ]  # fmt: skip
-    with TestClient(apps[0]) as first, TestClient(apps[1]) as second:
+def two_apps(tiny_checkpoint: Path) -> Iterator[list[TestClient]]:
+    """Two in-process apps over two real engines: their metrics must never mix."""
+
+    def app(*flags: str) -> Any:
+        settings = parse_settings(["--model", str(tiny_checkpoint), "--api-key", KEY, *flags], env={})
+        return create_app(settings, AsyncEngine(settings.engine_config()))
+
+    with TestClient(app()) as first, TestClient(app("--metrics-without-auth")) as second:
         yield [first, second]
 
 
@@ -233,13 +209,17 @@ def test_each_app_has_its_own_registry_and_gauges_read_stats_at_scrape(two_apps:
     auth = {"Authorization": f"Bearer {KEY}"}
     for _ in range(3):
         first.get("/health")
+    model = first.get("/v1/models", headers=auth).json()["data"][0]["id"]
+    body = {"model": model, "prompt": "def f():", "max_tokens": 4, "ignore_eos": True}
+    assert first.post("/v1/completions", json=body, headers=auth).status_code == 200
     texts = [first.get("/metrics", headers=auth).text, second.get("/metrics", headers=auth).text]
     assert 'tinyserve_http_responses_total{route="/health",status="200"} 3.0' in texts[0]
     assert 'route="/health"' not in texts[1]
-    assert (
-        "tinyserve_num_requests_running 1.0" in texts[0] and "tinyserve_num_requests_running 7.0" in texts[1]
-    )
-    assert (
-        "tinyserve_num_requests_waiting 2.0" in texts[0] and "tinyserve_kv_cache_usage_perc 0.25" in texts[0]
-    )
+    assert "tinyserve_generation_tokens_total 4.0" in texts[0]
+    assert "tinyserve_generation_tokens_total 4.0" not in texts[1]
+    for client, text in zip(two_apps, texts, strict=True):
+        stats = client.get("/stats", headers=auth).json()  # idle now: gauges equal the engine's figures
+        assert f"tinyserve_num_requests_running {float(stats['running'])}" in text
+        assert f"tinyserve_num_requests_waiting {float(stats['waiting'])}" in text
+        assert "tinyserve_kv_cache_usage_perc 0.0" in text
     assert not any("_created" in text for text in texts)
