@@ -5,7 +5,7 @@ seeds. Batched matrix products may round differently from unbatched ones, and on
 near-tie changes every later token. The default mode is measured against `--deterministic`,
 which runs every sequence on its own at fixed chunk boundaries and must never diverge.
 
-    python bench/batch_invariance.py --model weights/default --prompts 64
+    python -m bench.batch_invariance --model weights/default --prompts 64
 """
 
 from __future__ import annotations

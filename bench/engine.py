@@ -4,7 +4,7 @@ One run, one machine, one set of weights: our LLMEngine, Hugging Face `generate(
 checkpoint directory in the same dtype, and the floor a decode step cannot beat here (bench/roofline.py).
 Run from the repository root, for example:
 
-    .venv/bin/python bench/engine.py --random-110m --batch-sizes 1,4,16,64 --threads 2 --json out.json
+    .venv/bin/python -m bench.engine --random-110m --batch-sizes 1,4,16,64 --threads 2 --json out.json
 
 `--profile` instead breaks our decode step down (scheduler, runner._build, forward ops, sampler).
 """
@@ -33,6 +33,14 @@ from tokenizers import Tokenizer as HFTokenizer
 from torch import Tensor
 
 import server.engine.engine as engine_module
+from bench.roofline import (
+    Machine,
+    linear_weights,
+    matmul_step_seconds,
+    measure_machine,
+    roofline,
+    step_cost,
+)
 from model.checkpoint import load_config, load_model, save_model
 from model.config import ModelConfig
 from model.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
@@ -42,17 +50,6 @@ from server.engine.engine import LLMEngine
 from server.engine.outputs import Timings
 from server.engine.params import SamplingParams
 from server.engine.sequence import Request
-
-if __package__ in (None, ""):  # run as a script (python bench/engine.py): make `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.roofline import (  # noqa: E402
-    Machine,
-    linear_weights,
-    matmul_step_seconds,
-    measure_machine,
-    roofline,
-    step_cost,
-)
 
 DEFAULT_MODEL = Path("weights/default")
 HF_METHOD = (

@@ -6,8 +6,8 @@ no 5xx, no dropped connection, /health 200 throughout, the server process alive,
 count unchanged by random paths and model names (no per-path or per-model labels), and the request
 counters consistent afterwards (started = finished + aborted + failed). Loopback targets only.
 
-    .venv/bin/python bench/fuzz.py --model weights/default --requests 10000      # starts its own server
-    .venv/bin/python bench/fuzz.py --url http://127.0.0.1:8000 --requests 10000  # a running one
+    .venv/bin/python -m bench.fuzz --model weights/default --requests 10000      # starts its own server
+    .venv/bin/python -m bench.fuzz --url http://127.0.0.1:8000 --requests 10000  # a running one
 
 tests/reliability/test_rel_fuzz.py runs the same code with a few hundred requests.
 """
@@ -19,18 +19,15 @@ import contextlib
 import json
 import os
 import random
-import re
-import socket
 import string
-import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import schemathesis
@@ -38,8 +35,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-REPO = Path(__file__).resolve().parents[1]
-COUNTERS = ("started", "finished", "aborted", "failed")
+from bench.harness import Scrape, is_loopback, launch
 
 
 @dataclass
@@ -88,24 +84,10 @@ class FuzzReport:
         )
 
 
-def check_loopback(url: str) -> None:
-    host = urlsplit(url).hostname or ""
-    if not (host == "localhost" or host == "::1" or re.fullmatch(r"127(\.\d{1,3}){3}", host)):
-        raise SystemExit(f"error: fuzz only loopback servers, not {host!r}")
-
-
-def metrics(client: httpx.Client) -> tuple[int, dict[str, float]] | None:
-    """(number of series, request counters) from /metrics; None where the server has none."""
+def metrics(client: httpx.Client) -> Scrape | None:
+    """The server's /metrics, parsed; None where it has none."""
     r = client.get("/metrics")
-    if r.status_code != 200:
-        return None
-    samples: dict[str, float] = {}
-    for line in r.text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    counters = {k: samples.get(f"tinyserve_requests_{k}_total", 0.0) for k in COUNTERS}
-    return len(samples), counters
+    return Scrape.parse(r.text) if r.status_code == 200 else None
 
 
 def random_probe(client: httpx.Client, model_name: str, count: int, rng: random.Random) -> None:
@@ -133,7 +115,8 @@ def fuzz(
     progress: bool = False,
 ) -> FuzzReport:
     """Send about `total` schema-driven requests to `base_url`; see the module docstring."""
-    check_loopback(base_url)
+    if not is_loopback(base_url):
+        raise SystemExit(f"error: fuzz only loopback servers, not {base_url}")
     started = time.monotonic()
     report = FuzzReport()
     client = httpx.Client(base_url=base_url, headers=headers or {}, timeout=60)
@@ -204,17 +187,16 @@ def fuzz(
     random_probe(client, model_name, 200, rng)
     after = metrics(client)
     if before is not None and after is not None:
-        report.series_before_probe, report.series_after_probe = before[0], after[0]
+        report.series_before_probe, report.series_after_probe = len(before.samples), len(after.samples)
     # Counters settle once every request has ended (aborted streams are counted on the engine thread).
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         current = metrics(client)
         stats = client.get("/stats").json()
         idle = stats["running"] == 0 and stats["waiting"] == 0
         if current is None:
             break
-        c = current[1]
-        report.counters = {"started": c["started"], "ended": c["finished"] + c["aborted"] + c["failed"], **c}
+        report.counters = current.request_counters()
         if idle and report.counters["started"] == report.counters["ended"] or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -222,34 +204,6 @@ def fuzz(
     report.seconds = time.monotonic() - started
     client.close()
     return report
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-         *extra],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("error: the server did not become ready")
 
 
 def main() -> int:
@@ -264,19 +218,18 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    proc = None
-    if args.model:
-        extra = args.server_arg + (["--api-key", args.api_key] if args.api_key else [])
-        proc, url = start_server(args.model, extra)
-    else:
-        url = args.url.rstrip("/")
-    try:
-        alive = (lambda: proc.poll() is None) if proc else (lambda: True)
-        report = fuzz(url, args.requests, args.seed, headers, alive=alive, progress=True)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+    with tempfile.TemporaryDirectory(prefix="bench-fuzz-") as tmp:
+        server = None
+        if args.model:
+            extra = args.server_arg + (["--api-key", args.api_key] if args.api_key else [])
+            server = launch(args.model, Path(tmp) / "server.log", *extra)
+        url = server.url if server else args.url.rstrip("/")
+        try:
+            alive = (lambda: server.proc.poll() is None) if server else (lambda: True)
+            report = fuzz(url, args.requests, args.seed, headers, alive=alive, progress=True)
+        finally:
+            if server is not None:
+                server.stop(timeout=60)
     summary = {**report.summary(), "ok": report.ok}
     text = json.dumps(summary, indent=2)
     print(text)

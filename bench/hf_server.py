@@ -5,7 +5,7 @@ What many people write first: `AutoModelForCausalLM.from_pretrained(dir)`, a man
 time (no batching). `bench/serve.py --compare-hf` starts it on a loopback port and runs the same sweep
 against it as against our server. Only `/v1/completions` (streaming or not), `/v1/models` and `/health`.
 
-    .venv/bin/python bench/hf_server.py --model weights/default --port 8001 --dtype float32 --threads 2
+    .venv/bin/python -m bench.hf_server --model weights/default --port 8001 --dtype float32 --threads 2
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ tokens/s is all streams' tokens over the wall time from the first request to the
 from the request to its first token. The figures are medians over `--repeats` runs. On a small machine
 the HTTP client shares the CPU with the server, so "http" includes the client's own cost, as in real use.
 
-    .venv/bin/python bench/http_overhead.py --model weights/default --threads 2
-    .venv/bin/python bench/http_overhead.py --random-110m --streams 1,16 --new-tokens 128
+    .venv/bin/python -m bench.http_overhead --model weights/default --threads 2
+    .venv/bin/python -m bench.http_overhead --random-110m --streams 1,16 --new-tokens 128
 """
 
 from __future__ import annotations
@@ -25,11 +25,7 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -38,15 +34,12 @@ from typing import Any
 
 import httpx
 
-if __package__ in (None, ""):  # run as a script: make `bench` and `server` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.tokenizer import Tokenizer  # noqa: E402
-from server.engine.outputs import Delta  # noqa: E402
-from server.engine.params import SamplingParams  # noqa: E402
-from server.settings import parse_settings  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.engine import build_random_110m
+from bench.harness import launch
+from model.tokenizer import Tokenizer
+from server.engine.outputs import Delta
+from server.engine.params import SamplingParams
+from server.settings import parse_settings
 
 
 @dataclass
@@ -153,46 +146,11 @@ async def http_run(client: httpx.AsyncClient, model: str, batch: list[list[int]]
     return summarize(start, list(await asyncio.gather(*(one(p) for p in batch))))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "server",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        *engine_flags(args),
-    ]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server failed: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
-
-
-async def http_bench(args: argparse.Namespace, model: Path) -> dict[int, list[Run]]:
-    proc, url = start_server(model, args)
+async def http_bench(args: argparse.Namespace, model: Path, log_path: Path) -> dict[int, list[Run]]:
     results: dict[int, list[Run]] = {}
-    try:
+    with launch(model, log_path, *engine_flags(args)) as server:
         limits = httpx.Limits(max_connections=max(args.streams) + 4)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
             served = (await client.get("/v1/models")).json()["data"][0]["id"]
             vocab = Tokenizer.load(model).vocab_size
             await http_run(client, served, prompts(2, args.prompt_tokens, vocab, 99), 8)
@@ -201,12 +159,6 @@ async def http_bench(args: argparse.Namespace, model: Path) -> dict[int, list[Ru
                     await http_run(client, served, prompts(n, args.prompt_tokens, vocab, r), args.new_tokens)
                     for r in range(args.repeats)
                 ]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return results
 
 
@@ -275,14 +227,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.random_110m:
-            from bench.engine import build_random_110m
-
-            model = build_random_110m(Path(tmp))
-        else:
-            model = args.model
+        model = build_random_110m(Path(tmp)) if args.random_110m else args.model
         engine = asyncio.run(engine_bench(args, model))
-        http = asyncio.run(http_bench(args, model))
+        http = asyncio.run(http_bench(args, model, Path(tmp) / "server.log"))
     name = "random-110m" if args.random_110m else model.name
     print(f"model {name}, {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, "
           f"median of {args.repeats}, {os.cpu_count()} CPUs")  # fmt: skip

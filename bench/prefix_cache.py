@@ -4,7 +4,7 @@ A long shared prefix (a system prompt, a chat history) followed by a short new q
 request computes the whole prompt, later ones attach the prefix's cached blocks and compute only
 the new tail. Prints median TTFT cold (prefix caching off) and warm, and the engine's hit counter.
 
-    python bench/prefix_cache.py --model weights/default --prefix-tokens 768 --repeats 5
+    python -m bench.prefix_cache --model weights/default --prefix-tokens 768 --repeats 5
 """
 
 from __future__ import annotations

@@ -10,21 +10,21 @@ mkdir -p "$OUT"
 run() { echo "== $*" >&2; "$@"; }
 
 # Engine alone: decode tokens/s vs transformers generate() and the machine's roofline.
-run $PY bench/engine.py --random-110m --batch-sizes 1,4,16,64 --threads 2 \
+run $PY -m bench.engine --random-110m --batch-sizes 1,4,16,64 --threads 2 \
   --json $OUT/engine-110m-float32.json | tee $OUT/engine-110m-float32.md
-run $PY bench/engine.py --random-110m --dtype bfloat16 --batch-sizes 32 --threads 2 --check-bf16 \
+run $PY -m bench.engine --random-110m --dtype bfloat16 --batch-sizes 32 --threads 2 --check-bf16 \
   --json $OUT/engine-110m-bfloat16.json | tee $OUT/engine-110m-bfloat16.md
-run $PY bench/engine.py --model weights/default --batch-sizes 1,32 --threads 2 \
+run $PY -m bench.engine --model weights/default --batch-sizes 1,32 --threads 2 \
   --json $OUT/engine-default-float32.json | tee $OUT/engine-default-float32.md
 
 # Serving: concurrency sweep over HTTP, ours vs a naive one-request-at-a-time transformers server.
-run $PY bench/serve.py --random-110m --threads 2 --dtypes float32,bfloat16 --compare-hf --concurrency 1,4,16
-run $PY bench/serve.py --model weights/default --threads 2 --dtypes float32 --compare-hf --concurrency 1,4,16
+run $PY -m bench.serve --random-110m --threads 2 --dtypes float32,bfloat16 --compare-hf --concurrency 1,4,16
+run $PY -m bench.serve --model weights/default --threads 2 --dtypes float32 --compare-hf --concurrency 1,4,16
 
 # What HTTP costs over the engine; prefix-cache TTFT; batch invariance of seeded sampling.
-run $PY bench/http_overhead.py --random-110m --streams 1,16 --threads 2 --prompt-tokens 128 --new-tokens 64 \
+run $PY -m bench.http_overhead --random-110m --streams 1,16 --threads 2 --prompt-tokens 128 --new-tokens 64 \
   --json $OUT/http-overhead-110m.json | tee $OUT/http-overhead-110m.md
-run $PY bench/prefix_cache.py --model weights/default --prefix-tokens 768 --threads 2 | tee $OUT/prefix-cache.md
-run $PY bench/batch_invariance.py --model weights/default --prompts 64 --dtype float32 | tee $OUT/batch-invariance.md
-run $PY bench/batch_invariance.py --model weights/default --prompts 64 --dtype bfloat16 \
+run $PY -m bench.prefix_cache --model weights/default --prefix-tokens 768 --threads 2 | tee $OUT/prefix-cache.md
+run $PY -m bench.batch_invariance --model weights/default --prompts 64 --dtype float32 | tee $OUT/batch-invariance.md
+run $PY -m bench.batch_invariance --model weights/default --prompts 64 --dtype bfloat16 \
   | tee -a $OUT/batch-invariance.md

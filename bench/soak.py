@@ -6,8 +6,8 @@ warm-up (VmRSS from /proc/PID/status; the median of the last samples against the
 samples after warm-up, drift <= --max-drift); /health answering; and the request counters consistent
 (started = finished + aborted + failed) once the load stops. Loopback targets only.
 
-    .venv/bin/python bench/soak.py --model weights/default --seconds 1800          # starts its own server
-    .venv/bin/python bench/soak.py --url http://127.0.0.1:8000 --pid 1234 --seconds 600
+    .venv/bin/python -m bench.soak --model weights/default --seconds 1800          # starts its own server
+    .venv/bin/python -m bench.soak --url http://127.0.0.1:8000 --pid 1234 --seconds 600
 
 tests/reliability/test_rel_soak.py runs the same code for about a minute.
 """
@@ -18,10 +18,9 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.harness import Scrape, is_loopback, launch, rss_bytes
+
 KINDS = (  # (kind, weight)
     ("completion", 30), ("completion_stream", 20), ("chat", 15), ("chat_stream", 15),
     ("cut_stream", 8), ("n_choices", 6), ("bad_request", 6),
@@ -67,14 +67,6 @@ class SoakReport:
             "rss_drift_after_warmup": None if self.drift is None else round(self.drift, 4),
             "request_counters": self.counters,
         }
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def drift(samples: list[tuple[float, int]], warmup_s: float, window: int = 5) -> float | None:
@@ -172,7 +164,7 @@ def soak(
     url: str, pid: int, seconds: float, concurrency: int = 4, warmup_s: float | None = None, seed: int = 0
 ) -> SoakReport:
     parts = urlsplit(url)
-    if parts.hostname not in ("127.0.0.1", "localhost", "::1") or parts.port is None:
+    if not is_loopback(url) or parts.port is None:
         raise SystemExit(f"error: soak only loopback servers, not {url}")
     report = SoakReport(warmup_s=seconds / 3 if warmup_s is None else warmup_s)
     client = httpx.Client(base_url=url, timeout=30)
@@ -194,15 +186,12 @@ def soak(
     asyncio.run(main())
     report.seconds = time.monotonic() - started
     report.drift = drift(report.rss_samples, report.warmup_s)
-    end = time.monotonic() + 15
+    end = time.monotonic() + 30
     while True:  # the counters settle once every request has ended
         stats = client.get("/stats").json()
         r = client.get("/metrics")
         if r.status_code == 200:
-            samples = dict(line.rsplit(" ", 1) for line in r.text.splitlines() if line and line[0] != "#")
-            names = ("started", "finished", "aborted", "failed")
-            c = {k: float(samples.get(f"tinyserve_requests_{k}_total", 0)) for k in names}
-            report.counters = {**c, "ended": c["finished"] + c["aborted"] + c["failed"]}
+            report.counters = Scrape.parse(r.text).request_counters()
         settled = report.counters is None or report.counters["started"] == report.counters["ended"]
         if (stats["running"] == 0 and stats["waiting"] == 0 and settled) or time.monotonic() > end:
             break
@@ -234,30 +223,16 @@ def main() -> int:
     parser.add_argument("--max-drift", type=float, default=0.02)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    proc = None
-    if args.model:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        command = [sys.executable, "-m", "server", "--model", str(args.model), "--host", "127.0.0.1"]
-        proc = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, stderr=subprocess.DEVNULL)
-        url, pid = f"http://127.0.0.1:{port}", proc.pid
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-    else:
-        if args.pid is None:
-            parser.error("--url needs --pid (for the resident memory)")
-        url, pid = args.url.rstrip("/"), args.pid
-    try:
-        report = soak(url, pid, args.seconds, args.concurrency, args.warmup)
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+    if args.url and args.pid is None:
+        parser.error("--url needs --pid (for the resident memory)")
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
+        server = launch(args.model, Path(tmp) / "server.log") if args.model else None
+        url, pid = (server.url, server.proc.pid) if server else (args.url.rstrip("/"), args.pid)
+        try:
+            report = soak(url, pid, args.seconds, args.concurrency, args.warmup)
+        finally:
+            if server is not None:
+                server.stop(timeout=60)
     summary = {**report.summary(), "ok": ok(report, args.max_drift)}
     text = json.dumps(summary, indent=2)
     print(text)

@@ -3,7 +3,7 @@
 Bits per character is tokenizer-independent, so the figure compares with character-level baselines
 (nanoGPT's Shakespeare-char: ~1.88 nats/char = ~2.71 bpc after ~3 CPU minutes). Run from the repo root:
 
-    .venv/bin/python bench/train.py --data /path/to/tinyshakespeare.txt --time-budget 180 \
+    .venv/bin/python -m bench.train --data /path/to/tinyshakespeare.txt --time-budget 180 \
         --preset default --vocab-size 1024 --seq-len 256 --json out.json
 
 Unknown flags go to `model.train` unchanged. The held-out split is model.train's own (the tail
@@ -16,18 +16,15 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.config import ModelConfig  # noqa: E402
-from model.train import LOG_FILE  # noqa: E402
-from model.train import main as train_main  # noqa: E402
+from model.config import ModelConfig
+from model.train import LOG_FILE
+from model.train import main as train_main
 
 
 def run(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from server_process import RunningServer, launch
 
+from bench.harness import RunningServer, launch
 from model.checkpoint import save_model
 from model.config import ModelConfig
 from model.tokenizer import IM_END, train_tokenizer
@@ -21,6 +22,8 @@ TINY_TEXTS = (
     inspect.getsource(textwrap),
     "Hello, world! héllo wörld 😀🚀 你好，世界。日本語のテキスト 한국어\n",
 )
+LONG_CONTEXT = 8192
+"""`long_checkpoint`'s context: at most 8192 tokens of decoding, which takes seconds even on a fast box."""
 
 
 def make_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
@@ -50,15 +53,30 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with an 8192-token context, for streams that last seconds on any machine.
+
+    Rotary positions are computed, not learned, so the same weights serve the longer context.
+    """
+    directory = tmp_path_factory.mktemp("long") / "tiny-long"
+    shutil.copytree(tiny_checkpoint, directory)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["max_position_embeddings"] = LONG_CONTEXT
+    config_path.write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="session")
 def start_server(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., RunningServer]]:
     """Start the real server (`python -m server` on 127.0.0.1) with extra flags; all stopped at the end."""
     started: list[RunningServer] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> RunningServer:
+    def start(*args: str, env: dict[str, str] | None = None, model: Path | None = None) -> RunningServer:
         log_path = tmp_path_factory.mktemp("server") / "server.log"
-        server = launch(tiny_checkpoint, log_path, *args, env=env)
+        server = launch(model or tiny_checkpoint, log_path, *args, env=env)
         started.append(server)
         return server
 

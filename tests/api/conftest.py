@@ -1,4 +1,4 @@
-"""Fixtures running the REAL server as a subprocess on 127.0.0.1 (helpers in api_server.py).
+"""Fixtures running the REAL server as a subprocess on 127.0.0.1 (helpers in bench/harness.py).
 
 `server` is one shared instance with default flags; `start_server` (tests/conftest.py) starts
 more with other flags (API key, tiny queues, short grace periods), each stopped at the end of the session.
@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from api_server import RunningServer
+
+from bench.harness import RunningServer
 
 
 @pytest.fixture(scope="session")

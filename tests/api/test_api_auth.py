@@ -7,7 +7,8 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
-from api_server import RunningServer
+
+from bench.harness import RunningServer
 
 KEY = "sk-test-1234567890"
 ORIGIN = "http://chat.example"

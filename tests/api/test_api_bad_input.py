@@ -7,7 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
-from api_server import RunningServer, wait_idle
+
+from bench.harness import RunningServer
+from tests.support import wait_idle
 
 LONG_TEXT = "lorem ipsum dolor sit amet " * 200  # far more than the tiny model's 512-token context
 M = "{model}"  # replaced by the served model name

@@ -1,4 +1,4 @@
-"""bench/http_overhead.py end to end on the tiny checkpoint: it runs and reports positive figures.
+"""`python -m bench.http_overhead` end to end on the tiny checkpoint: it runs and reports positive figures.
 
 Only the plumbing is checked; timings on a shared machine are noise.
 """
@@ -11,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from api_server import ROOT
+from bench.harness import ROOT
 
 
 def test_http_overhead_bench_runs(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     command = [
-        sys.executable, str(ROOT / "bench" / "http_overhead.py"), "--model", str(tiny_checkpoint),
+        sys.executable, "-m", "bench.http_overhead", "--model", str(tiny_checkpoint),
         "--streams", "1,2", "--new-tokens", "8", "--repeats", "1", "--threads", "1", "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

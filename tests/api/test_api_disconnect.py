@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
 import httpx
-from api_server import RunningServer, sse_events, wait_idle
+
+from bench.harness import RunningServer
+from tests.support import sse_events, wait_idle
 
 LONG = {"max_tokens": 480, "ignore_eos": True, "stream": True}
 
@@ -40,11 +41,10 @@ def test_dropped_streams_free_their_cache(server: RunningServer) -> None:
                 response.close()  # drops the connection mid-stream
             for client in clients:
                 client.close()
-        start = time.monotonic()
-        stats = wait_idle(probe, timeout=2.0)
+        stats = wait_idle(probe)
         assert (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0), stats
-        assert time.monotonic() - start < 2.0
-        # Run to completion, the streams would have taken 480 steps; aborted, far fewer.
+        # Run to completion, the streams would have taken 480 steps; aborted, far fewer (a count of
+        # steps, not seconds: it holds on a fast machine and on a loaded one).
         assert stats["steps"] - steps_before < 400
     log = server.log()
     assert log.count("status=200 outcome=aborted") >= 4  # the access lines of the dropped streams
@@ -56,6 +56,6 @@ def test_abandoned_non_streaming_request_is_aborted(server: RunningServer) -> No
     with httpx.Client(base_url=server.url, timeout=timeout) as client, contextlib.suppress(httpx.ReadTimeout):
         client.post("/v1/completions", json=body)
     with server.client() as probe:
-        stats = wait_idle(probe, timeout=2.0)
+        stats = wait_idle(probe)
         assert (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0), stats
     assert "route=/v1/completions status=499 outcome=aborted" in server.log()

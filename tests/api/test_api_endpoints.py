@@ -8,7 +8,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from api_server import RunningServer, sse_events, wait_idle
+
+from bench.harness import RunningServer
+from tests.support import sse_events, wait_idle
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

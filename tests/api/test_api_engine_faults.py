@@ -21,8 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-from api_server import sse_events
-from inprocess_server import InProcessServer, poisoned_logits, serve_in_process, wait_until
+
+from tests.api.inprocess_server import InProcessServer, poisoned_logits, serve_in_process, wait_until
+from tests.support import sse_events
 
 VICTIM = list(range(40, 80))  # 40 prompt tokens: the only request that reaches position 43
 POISON_FROM = 43  # the victim's 4 first tokens are fine (positions 39..42), the 5th is NaN

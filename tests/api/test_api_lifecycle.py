@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from api_server import ROOT, RunningServer, free_port, launch, sse_events
+
+from bench.harness import ROOT, RunningServer, free_port, launch
+from tests.support import sse_events
 
 
 def run_server(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

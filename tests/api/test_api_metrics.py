@@ -14,12 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from api_server import RunningServer, Scrape, scrape, sse_events, wait_idle
 from fastapi.testclient import TestClient
 
+from bench.harness import RunningServer, Scrape, scrape
 from server.api.app import create_app
 from server.engine.engine import AsyncEngine
 from server.settings import parse_settings
+from tests.support import sse_events, wait_idle
 
 KEY = "sk-metrics-test"
 LONG = {"max_tokens": 400, "ignore_eos": True, "stream": True}

@@ -8,7 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from api_server import RunningServer, wait_idle
+
+from bench.harness import RunningServer
+from tests.support import wait_idle
 
 
 def test_burst_past_the_queue_gets_503_with_retry_after(start_server: Callable[..., RunningServer]) -> None:
@@ -37,7 +39,7 @@ def test_burst_past_the_queue_gets_503_with_retry_after(start_server: Callable[.
             assert int(headers["retry-after"]) >= 1
             error = httpx.Response(503, content=payload).json()["error"]
             assert error["type"] == "service_unavailable_error" and error["code"] == "overloaded"
-            assert elapsed < 3.0
+            assert elapsed < 10.0  # at once, not queued: a margin for a loaded 2-core box
     with server.client() as client:
         assert wait_idle(client)["kv_used_tokens"] == 0
         r = client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2})

@@ -1,4 +1,4 @@
-"""bench/engine.py end to end on the tiny checkpoint: it runs, and its JSON holds positive numbers.
+"""`python -m bench.engine` end to end on the tiny checkpoint: it runs, and its JSON holds positive numbers.
 
 Only the plumbing is checked (timings on a shared machine are noise); the benchmark itself is for
 people to run on a quiet one.
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.harness import ROOT
 
 
 def positive(value: object) -> bool:
@@ -22,12 +22,11 @@ def positive(value: object) -> bool:
 def test_engine_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [
-        sys.executable,
-        str(REPO / "bench" / "engine.py"),
+        *(sys.executable, "-m", "bench.engine"),
         *("--model", str(tiny_checkpoint), "--batch-sizes", "1,2", "--prompt-tokens", "8"),
         *("--new-tokens", "8", "--threads", "1", "--repeats", "2", "--json", str(out)),
     ]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ours/transformers" in proc.stdout
 

@@ -1,4 +1,4 @@
-"""bench/serve.py and bench/hf_server.py end to end on the tiny checkpoint, plus their pure helpers.
+"""`python -m bench.serve` and bench/hf_server.py end to end on the tiny checkpoint, plus their pure helpers.
 
 Only the plumbing is checked (outputs exist, counts are exact, latencies are ordered and positive): the
 figures themselves mean something only on a quiet machine and a real model.
@@ -12,25 +12,17 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.harness import ROOT, is_loopback, percentile
+from bench.serve.launch import start_hf
+from bench.serve.load import chunk_tokens
+from bench.serve.stats import step_histograms, step_time
+
 PROMPT, OUTPUT, REQUESTS = 16, 8, 3
-
-
-def load_serve() -> ModuleType:
-    """bench/ is not an installed package: load serve.py from its path."""
-    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "bench" / "serve.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def positive(value: object) -> bool:
@@ -40,12 +32,12 @@ def positive(value: object) -> bool:
 @pytest.mark.slow
 def test_sweep_writes_sane_json_csv_and_plots(tiny_checkpoint: Path, tmp_path: Path) -> None:
     command = [
-        sys.executable, str(REPO / "bench" / "serve.py"), "--model", str(tiny_checkpoint),
+        sys.executable, "-m", "bench.serve", "--model", str(tiny_checkpoint),
         "--concurrency", "1,2", "--num-requests", str(REQUESTS), "--prompt-tokens", str(PROMPT),
         "--output-tokens", str(OUTPUT), "--threads", "1", "--warmup", "1",
         "--out-dir", str(tmp_path), "--tag", "smoke",
     ]  # fmt: skip
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "targets" in proc.stdout
 
@@ -79,24 +71,7 @@ def test_sweep_writes_sane_json_csv_and_plots(tiny_checkpoint: Path, tmp_path: P
 @pytest.mark.slow
 def test_hf_baseline_streams_one_token_per_chunk(tiny_checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
-    serve = load_serve()
-    port = serve.free_port()
-    log = (tmp_path / "hf.log").open("wb")
-    command = [sys.executable, str(REPO / "bench" / "hf_server.py"), "--model", str(tiny_checkpoint),
-               "--port", str(port), "--threads", "1"]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "hf.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "hf_server did not start"
-            time.sleep(0.2)
+    with start_hf(tiny_checkpoint, "float32", 1, tmp_path / "hf.log") as server:
         body = {
             "model": "x",
             "prompt": list(range(3, 3 + PROMPT)),
@@ -107,48 +82,42 @@ def test_hf_baseline_streams_one_token_per_chunk(tiny_checkpoint: Path, tmp_path
             "logprobs": 0,
             "stream_options": {"include_usage": True},
         }
-        events = []
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30, trust_env=False) as r:
+        url = server.url + "/v1/completions"
+        with httpx.stream("POST", url, json=body, timeout=30, trust_env=False) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     tokens = [c for c in chunks if c["choices"]]
-    assert [serve.chunk_tokens(c["choices"][0]) for c in tokens] == [1] * OUTPUT
+    assert [chunk_tokens(c["choices"][0]) for c in tokens] == [1] * OUTPUT
     assert tokens[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["usage"] == {"prompt_tokens": PROMPT, "completion_tokens": OUTPUT,
                                    "total_tokens": PROMPT + OUTPUT}  # fmt: skip
 
 
 def test_refuses_remote_urls_unless_allowed() -> None:
-    serve = load_serve()
-    assert serve.is_loopback("http://127.0.0.1:8000") and serve.is_loopback("http://[::1]:80/v1")
-    assert serve.is_loopback("http://localhost:8000")
-    assert not serve.is_loopback("http://10.0.0.7:8000") and not serve.is_loopback("https://example.com")
-    command = [sys.executable, str(REPO / "bench" / "serve.py"), "--base-url", "http://10.0.0.7:8000"]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert is_loopback("http://127.0.0.1:8000") and is_loopback("http://[::1]:80/v1")
+    assert is_loopback("http://localhost:8000")
+    assert not is_loopback("http://10.0.0.7:8000") and not is_loopback("https://example.com")
+    command = [sys.executable, "-m", "bench.serve", "--base-url", "http://10.0.0.7:8000"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--allow-remote" in proc.stderr
 
 
 def test_percentiles_and_metrics_parsing() -> None:
-    serve = load_serve()
-    assert serve.percentile([], 50) is None
-    assert serve.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
-    assert serve.percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
-    before = serve.step_histograms(
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile(list(map(float, range(101))), 99) == pytest.approx(99.0)
+    before = step_histograms(
         'tinyserve_engine_step_duration_seconds_bucket{le="0.1"} 3\n'
         "tinyserve_engine_step_duration_seconds_sum 0.5\ntinyserve_engine_step_duration_seconds_count 4\n"
     )
-    after = serve.step_histograms(
+    after = step_histograms(
         "# TYPE tinyserve_engine_step_duration_seconds histogram\n"
         "tinyserve_engine_step_duration_seconds_sum 1.5\ntinyserve_engine_step_duration_seconds_count 14\n"
         "tinyserve_requests_total 9\n"
     )
-    ms, source = serve.step_time(before, after)
+    ms, source = step_time(before, after)
     assert ms == pytest.approx(100.0) and "tinyserve_engine_step_duration_seconds" in source
-    assert serve.step_time({}, {}) == (None, None)
+    assert step_time({}, {}) == (None, None)

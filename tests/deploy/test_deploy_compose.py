@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_tools import DEPLOY, ROOT, compose_command
 
 from server.engine.outputs import EngineStats
 from server.metrics import Metrics
+from tests.deploy.deploy_tools import DEPLOY, ROOT, compose_command
 
 SERVICES = {"server", "nginx", "prometheus", "grafana"}
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from deploy_tools import DEPLOY, alive, process, require, wait_for
-from server_process import RunningServer, free_port, launch, scrape
+
+from bench.harness import RunningServer, free_port, launch, scrape
+from tests.deploy.deploy_tools import DEPLOY, alive, process, require, wait_for
 
 STREAM_TOKENS = 400
 

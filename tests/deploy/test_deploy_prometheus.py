@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from deploy_tools import DEPLOY, alive, process, require, wait_for
-from server_process import RunningServer, free_port, launch
+
+from bench.harness import RunningServer, free_port, launch
+from tests.deploy.deploy_tools import DEPLOY, alive, process, require, wait_for
 
 KEY = "sk-prometheus-test"
 TTFT_P90 = "histogram_quantile(0.9, sum by (le) (rate(tinyserve_time_to_first_token_seconds_bucket[30s])))"

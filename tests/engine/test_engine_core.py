@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from engine_driver import Result, run, submit
 
 from server.engine.engine import LLMEngine
 from server.engine.params import ParamError, SamplingParams
+from tests.engine.engine_driver import Result, run, submit
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from model.checkpoint import CheckpointError, load_model, save_model, to_hf_state_dict
 from model.config import ModelConfig
 from model.transformer import Transformer
+from tests.model.model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import torch
-from model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.checkpoint import load_model
 from model.config import ModelConfig
 from model.transformer import AttentionGroup, CacheBatch, KVCache, Transformer
+from tests.model.model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,22 +2,16 @@
 
 `rel_server` is one shared server with default flags; `start_server` (tests/conftest.py) starts more
 with other flags and stops them all at the end of the session (`stop_now` ends one early).
-The helpers for starting servers are tests/api/api_server.py's, shared rather than copied.
+The helpers for starting servers are bench/harness.py's, shared with the benchmarks.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-API_TESTS = Path(__file__).resolve().parents[1] / "api"
-if str(API_TESTS) not in sys.path:
-    sys.path.insert(0, str(API_TESTS))
-
-from api_server import RunningServer  # noqa: E402
+from bench.harness import RunningServer
 
 
 @pytest.fixture(scope="session")

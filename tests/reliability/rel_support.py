@@ -1,4 +1,4 @@
-"""Small tools for the reliability tests: a raw asyncio HTTP/1.1 client, percentiles, RSS, metrics.
+"""Small tools for the reliability tests: a raw asyncio HTTP/1.1 client and a load generator.
 
 The raw client costs a fraction of httpx per request, so a test can drive hundreds of concurrent
 connections from one core, cut a response after any number of bytes, or stop reading altogether.
@@ -8,32 +8,16 @@ It only ever talks to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import math
-import re
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
-
-
-def load_bench(name: str) -> ModuleType:
-    """bench/NAME.py as a module (the long-run scripts and their bounded tests share one implementation)."""
-    path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def port_of(url: str) -> int:
@@ -41,39 +25,6 @@ def port_of(url: str) -> int:
     assert parts.hostname == HOST, f"loopback targets only, got {url}"
     assert parts.port is not None
     return parts.port
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100), nearest rank: p99 of 100 samples is the 99th smallest."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size from /proc/PID/status (VmRSS, in kB)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition → {'name{labels}': value} (comments skipped)."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m:
-            out[(m.group(1) + (m.group(2) or ""))] = float(m.group(3))
-    return out
 
 
 @dataclass
@@ -241,6 +192,7 @@ async def _heavy_load(port: int, model: str, seconds: float, big_prompt_clients:
     print(json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in counts.items()}), flush=True)
 
 
-if __name__ == "__main__":  # a load generator in its own process: `rel_support.py PORT MODEL SECONDS BIG`
+# A load generator in its own process: python -m tests.reliability.rel_support PORT MODEL SECONDS BIG
+if __name__ == "__main__":
     _port, _model, _seconds, _big = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     asyncio.run(_heavy_load(_port, _model, _seconds, big_prompt_clients=_big, streams=16))

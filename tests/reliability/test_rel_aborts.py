@@ -10,15 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-from api_server import RunningServer, wait_idle
-from rel_support import build_request, iter_sse, json_body, parse_metrics, port_of, read_head
-
+from bench.harness import RunningServer, scrape
 from server.engine.config import EngineConfig
 from server.engine.engine import LLMEngine
 from server.engine.outputs import EngineError, Timings
 from server.engine.params import SamplingParams
 from server.engine.sequence import Request
+from tests.reliability.rel_support import build_request, iter_sse, json_body, port_of, read_head
+from tests.support import wait_idle
 
 STREAMS = 1000
 NON_STREAMING = 200
@@ -84,8 +83,7 @@ def test_cut_streams_and_abandoned_requests_free_everything(rel_server: RunningS
     jobs += [(give_up, *body_for(rng, rel_server.model, i, False)) for i in range(NON_STREAMING)]
     rng.shuffle(jobs)
     outcomes: dict[str, int] = {}
-    with rel_server.client() as client:
-        before = _metrics(client)
+    before = scrape(rel_server.url).request_counters()
 
     async def main() -> float:
         gate = asyncio.Semaphore(CONCURRENCY)
@@ -105,10 +103,10 @@ def test_cut_streams_and_abandoned_requests_free_everything(rel_server: RunningS
     assert outcomes.get("timed out", 0) >= NON_STREAMING * 0.9, outcomes  # they really were cut short
 
     with rel_server.client() as client:
-        stats = wait_idle(client, timeout=2.0)
+        stats = wait_idle(client)
         freed_after = time.monotonic() - last_close
         assert (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0), stats
-        assert freed_after < 2.5, freed_after
+        assert freed_after < 10, freed_after  # a margin for a loaded 2-core box; typically well under 1 s
         # A fresh request is served at once.
         t0 = time.monotonic()
         r = client.post(
@@ -116,28 +114,14 @@ def test_cut_streams_and_abandoned_requests_free_everything(rel_server: RunningS
         )
         fresh_s = time.monotonic() - t0
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
-        assert fresh_s < 1.0, fresh_s
-        after = _metrics(client)
-    if before is not None and after is not None:
-        started_n = after["started"] - before["started"]
-        ended = sum(after[k] - before[k] for k in ("finished", "aborted", "failed"))
-        assert started_n == ended and after["aborted"] - before["aborted"] >= STREAMS * 0.8, (before, after)
+        assert fresh_s < 5, fresh_s  # likewise; typically tens of ms
+    after = scrape(rel_server.url).request_counters()
+    assert after["started"] - before["started"] == after["ended"] - before["ended"], (before, after)
+    assert after["aborted"] - before["aborted"] >= STREAMS * 0.8, (before, after)
     elapsed = last_close - started
     print(f"\n{STREAMS + NON_STREAMING} cut requests in {elapsed:.1f}s; idle {freed_after:.2f}s after the")
     print(f"last close; a fresh request took {1000 * fresh_s:.0f} ms; {outcomes}")
     assert "Traceback" not in rel_server.log()
-
-
-def _metrics(client: httpx.Client) -> dict[str, float] | None:
-    """started/finished/aborted/failed request counters from /metrics, if the server has them."""
-    r = client.get("/metrics")
-    if r.status_code != 200:
-        return None
-    samples = parse_metrics(r.text)
-    names = {k: f"tinyserve_requests_{k}_total" for k in ("started", "finished", "aborted", "failed")}
-    if not all(name in samples for name in names.values()):
-        return None
-    return {k: samples[name] for k, name in names.items()}
 
 
 def test_aborting_choices_not_yet_admitted_keeps_the_engine_alive(tiny_checkpoint: Path) -> None:

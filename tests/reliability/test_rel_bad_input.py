@@ -14,8 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-from api_server import RunningServer, wait_idle
-from rel_support import port_of, read_head
+
+from bench.harness import RunningServer
+from tests.reliability.rel_support import port_of, read_head
+from tests.support import wait_idle
 
 C, CHAT, TOK, DETOK = "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"
 M = "{model}"  # replaced by the served model name

@@ -10,8 +10,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from api_server import RunningServer, wait_idle
-from rel_support import RawResponse, json_body, percentile, port_of, request, stream_text
+
+from bench.harness import RunningServer, percentile
+from tests.reliability.rel_support import RawResponse, json_body, port_of, request, stream_text
+from tests.support import wait_idle
 
 MAX_NUM_SEQS, MAX_WAITING = 4, 4
 CAPACITY = MAX_NUM_SEQS + MAX_WAITING
@@ -74,7 +76,7 @@ def test_burst_past_capacity(burst_server: RunningServer, factor: int) -> None:
     assert p99 <= P99_BOUND_S, p99
 
     with burst_server.client() as client:  # normal service afterwards
-        stats = wait_idle(client, timeout=2.0)
+        stats = wait_idle(client)
         assert (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0), stats
         r = client.post("/v1/completions", json=body(burst_server.model, 1, False))
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[1]
@@ -95,4 +97,4 @@ def test_repeated_bursts_never_wedge(burst_server: RunningServer) -> None:
         statuses = asyncio.run(fire())
         assert set(statuses) <= {200, 503} and statuses.count(200) >= CAPACITY, statuses
         with burst_server.client() as client:
-            assert wait_idle(client, timeout=2.0)["kv_used_tokens"] == 0
+            assert wait_idle(client)["kv_used_tokens"] == 0

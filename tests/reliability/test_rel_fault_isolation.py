@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from api_server import sse_events
-from inprocess_server import (
+
+from tests.api.inprocess_server import (
     InProcessServer,
     poisoned_hidden_state,
     poisoned_logits,
@@ -25,6 +25,7 @@ from inprocess_server import (
     serve_in_process,
     wait_until,
 )
+from tests.support import sse_events
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 OTHERS = [[(7 * i + j) % 500 + 3 for j in range(4 + i)] for i in range(6)]  # prompts of 4..9 tokens

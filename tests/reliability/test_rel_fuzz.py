@@ -1,20 +1,19 @@
 """Schema fuzzing, bounded: bench/fuzz.py's code with a few hundred requests from our own OpenAPI
 schema (valid and schema-breaking bodies, random paths and model names). 0 5xx, 0 dropped connections,
 /health 200 throughout, the /metrics series count unchanged by random paths and model names, and the
-request counters consistent. `bench/fuzz.py --requests 10000` is the long run."""
+request counters consistent. `python -m bench.fuzz --requests 10000` is the long run."""
 
 from __future__ import annotations
 
 import os
 
-from api_server import RunningServer
-from rel_support import load_bench
+from bench import fuzz
+from bench.harness import RunningServer
 
 REQUESTS = int(os.environ.get("TINYSERVE_FUZZ_REQUESTS", "400"))
 
 
 def test_fuzzing_from_the_openapi_schema(rel_server: RunningServer) -> None:
-    fuzz = load_bench("fuzz")
     report = fuzz.fuzz(rel_server.url, REQUESTS, seed=0, alive=lambda: rel_server.proc.poll() is None)
     summary = report.summary()
     print(f"\nfuzz: {summary['requests']} requests in {summary['seconds']}s, {summary['status_classes']}, "

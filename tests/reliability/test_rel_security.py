@@ -20,14 +20,15 @@ from typing import Any
 import fastapi.routing
 import pytest
 import torch
-from api_server import RunningServer, free_port, sse_events
 from fastapi.testclient import TestClient
-from rel_support import port_of, read_head
 
+from bench.harness import RunningServer, free_port
 from server.api.app import create_app
 from server.engine.config import EngineConfig
 from server.engine.engine import AsyncEngine
 from server.settings import parse_settings
+from tests.reliability.rel_support import port_of, read_head
+from tests.support import sse_events
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY_KEY = "sk-canary-key-9f8e7d6c5b4a"

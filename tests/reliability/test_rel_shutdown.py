@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from api_server import RunningServer
-from rel_support import json_body, port_of, request, stream_text
+
+from bench.harness import RunningServer
+from tests.reliability.rel_support import json_body, port_of, request, stream_text
 
 GRACE_S = 30.0
 STREAMS = 4

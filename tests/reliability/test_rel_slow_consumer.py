@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api_server import RunningServer, wait_idle
-from rel_support import (
+from bench.harness import RunningServer
+from tests.reliability.rel_support import (
     build_request,
     iter_body,
     iter_sse,
@@ -30,6 +30,7 @@ from rel_support import (
     request,
     stream_text,
 )
+from tests.support import wait_idle
 
 OTHERS = 3
 OTHER_TOKENS = 150

@@ -1,22 +1,21 @@
 """Soak, bounded: bench/soak.py's steady mixed load for about a minute on a server of its own.
 0 5xx and 0 dropped connections, resident memory flat after warm-up (<= 2% drift of VmRSS), /health
 up throughout, and the request counters consistent (started = finished + aborted + failed).
-`bench/soak.py --seconds 1800` is the long run."""
+`python -m bench.soak --seconds 1800` is the long run."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 
-from api_server import RunningServer
-from rel_support import load_bench
+from bench import soak
+from bench.harness import RunningServer
 
 SECONDS = float(os.environ.get("TINYSERVE_SOAK_SECONDS", "60"))
 MAX_DRIFT = 0.02
 
 
 def test_steady_load_without_errors_or_growth(start_server: Callable[..., RunningServer]) -> None:
-    soak = load_bench("soak")
     server = start_server()
     try:
         report = soak.soak(server.url, server.proc.pid, SECONDS, concurrency=4, warmup_s=SECONDS / 3)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from api_server import ROOT, free_port
 from safetensors.torch import load_file, save_file
 
+from bench.harness import ROOT, free_port
 from server.__main__ import main as server_main
 
 DEADLINE_S = 60  # a generous bound for "seconds" on a loaded 2-core machine; typical is 3-6 s

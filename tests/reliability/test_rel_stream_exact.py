@@ -8,8 +8,8 @@ import asyncio
 import random
 from typing import Any
 
-from api_server import RunningServer
-from rel_support import json_body, port_of, request, stream_text
+from bench.harness import RunningServer
+from tests.reliability.rel_support import json_body, port_of, request, stream_text
 
 EMOJI = ["😀", "🚀", "👩‍💻", "🇯🇵", "❤️", "🧪", "🐍", "✨", "👍🏽"]
 CJK = ["你好，世界", "日本語のテキスト", "한국어", "漢字かな交じり文", "中文标点：「」。", "東京タワー"]

@@ -7,11 +7,8 @@ the reason, and a warning repeats it in pytest's summary so the skip is never si
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from bench.harness import RunningServer, launch
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "api"))  # reuse the API tests' launcher for the real server
-from api_server import RunningServer, launch  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -35,8 +32,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 API_KEY = "ui-test-key"
-CONTEXT = 8192
-"""The UI checkpoint's context: long enough for a reply that lasts seconds (the tiny model is fast)."""
 
 
 def _skip(reason: str) -> None:
@@ -73,20 +68,8 @@ def browser(chromium: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def ui_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with a longer context: rotary positions are computed, so the weights still fit."""
-    directory = tmp_path_factory.mktemp("ui") / "tiny-chat"
-    shutil.copytree(tiny_checkpoint, directory)
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["max_position_embeddings"] = CONTEXT
-    config_path.write_text(json.dumps(config))
-    return directory
-
-
-@pytest.fixture(scope="session")
 def ui_servers(
-    ui_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+    long_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, RunningServer]]:
     """`open`: no key, one sequence and one queue slot (easy to overload); `keyed`: needs API_KEY.
 
@@ -98,7 +81,7 @@ def ui_servers(
     }
     with ThreadPoolExecutor(len(flags)) as pool:
         futures = {
-            name: pool.submit(launch, ui_checkpoint, tmp_path_factory.mktemp(name) / "server.log", *args)
+            name: pool.submit(launch, long_checkpoint, tmp_path_factory.mktemp(name) / "server.log", *args)
             for name, args in flags.items()
         }
         servers: dict[str, RunningServer] = {}

@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-from api_server import RunningServer, wait_idle
+
+from bench.harness import RunningServer
+from tests.support import wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -121,11 +123,10 @@ def test_reply_streams_and_stop_aborts_it_on_the_server(
         assert busy["running"] == 1 and busy["kv_used_tokens"] > 0
 
         page.click("#stop")
-        stopped_at = time.monotonic()
-        stats = wait_idle(probe, timeout=2.0)
+        stats = wait_idle(probe)
         assert (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0), stats
-        assert time.monotonic() - stopped_at < 2.0
-        # Run to the end it would have taken LONG steps; aborted, it took far fewer.
+        # Run to the end it would have taken LONG steps; aborted, it took far fewer (steps, not seconds:
+        # the bound holds whatever the machine's speed).
         assert stats["steps"] - steps_before < LONG * 3 // 4, stats
 
     page.wait_for_selector(".msg.assistant.stopped")
@@ -271,7 +272,7 @@ def busy_server(server: RunningServer) -> Iterator[None]:
             responses.append(client.send(request, stream=True))
             assert responses[-1].status_code == 200
         with server.client() as probe:
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30
             while (s := probe.get("/stats").json())["running"] + s["waiting"] < 2:
                 assert time.monotonic() < deadline, s
                 time.sleep(0.05)
