@@ -2,8 +2,8 @@
 
 What many people write first: `AutoModelForCausalLM.from_pretrained(dir)`, a manual token loop with
 `past_key_values`, one OpenAI-style SSE chunk per token, and an `asyncio.Lock` so requests run one at a
-time (no batching). `bench/serve.py --compare-hf` starts it on a loopback port and runs the same sweep
-against it as against our server. Only `/v1/completions` (streaming or not), `/v1/models` and `/health`.
+time (no batching). `python -m bench.serve --compare-hf` starts it on a loopback port and runs the same
+sweep against it as against our server. Only `/v1/completions` (streaming or not), `/v1/models` and `/health`.
 
     .venv/bin/python -m bench.hf_server --model weights/default --port 8001 --dtype float32 --threads 2
 """
