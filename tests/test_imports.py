@@ -1,4 +1,4 @@
-"""Dependencies flow one way (server/api -> server/engine -> model), and nothing unpickles.
+"""Dependencies flow one way (server/api -> server/engine -> model; tests -> bench), and nothing unpickles.
 
 Source files are parsed with `ast`, never imported, so the guard holds for files that do not import
 cleanly yet and costs nothing. It covers `import x`, `from x import y`, relative imports, and
@@ -98,6 +98,8 @@ def violations(path: Path, root: Path) -> list[str]:
         rules.append((("server",), "model/ must not import server"))
     if rel.startswith("server/engine/"):
         rules.append((ENGINE_FORBIDDEN, "server/engine/ must not import HTTP, schema or metrics libraries"))
+    if rel.startswith("bench/"):
+        rules.append((("tests",), "bench/ must not import tests (tests import bench's harness)"))
     out = []
     for finding in imports_and_loads(path.read_text(encoding="utf-8"), path, root):
         if finding.what == "torch.load":
@@ -110,7 +112,10 @@ def violations(path: Path, root: Path) -> list[str]:
 
 def sources(root: Path) -> list[Path]:
     return sorted(
-        p for top in ("model", "server") for p in (root / top).rglob("*.py") if ".venv" not in p.parts
+        p
+        for top in ("model", "server", "bench")
+        for p in (root / top).rglob("*.py")
+        if ".venv" not in p.parts
     )
 
 
@@ -118,6 +123,7 @@ def test_import_direction_and_no_pickle() -> None:
     files = sources(ROOT)
     # Not vacuous: the scan must see the model package that exists from the start.
     assert ROOT / "model" / "transformer.py" in files and ROOT / "model" / "checkpoint.py" in files
+    assert ROOT / "bench" / "harness.py" in files
     problems = [v for path in files for v in violations(path, ROOT)]
     assert not problems, "\n".join(problems)
 
@@ -145,6 +151,8 @@ BAD_SOURCES: list[tuple[str, str, str]] = [
     ("model/a.py", "import torch as T\nsd = T.load(f, weights_only=True)", "calls torch.load"),
     ("model/a.py", "from torch import load\nsd = load(f)", "calls torch.load"),
     ("server/a.py", "import torch\nsd = torch.serialization.load(f)", "calls torch.load"),
+    ("bench/a.py", "from tests.support import wait_idle", "imports tests.support"),
+    ("bench/serve/a.py", "import tests", "imports tests"),
 ]
 
 GOOD_SOURCES: list[tuple[str, str]] = [
@@ -155,6 +163,7 @@ GOOD_SOURCES: list[tuple[str, str]] = [
     ("server/api/a.py", "import fastapi\nfrom pydantic import BaseModel\nfrom server.engine import engine"),
     ("server/metrics.py", "import prometheus_client"),
     ("model/a.py", "import serverless_helpers"),
+    ("bench/a.py", "from bench.harness import launch\nfrom server.settings import parse_settings"),
 ]
 
 
