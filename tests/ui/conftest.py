@@ -54,8 +54,10 @@ def chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium: Path) -> Iterator[Any]:
+    """Per module, not per session: while Playwright's sync API is open it runs an event loop in the
+    main thread, and every other test's asyncio.run() would fail until it closes."""
     os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
     try:
         from playwright.sync_api import sync_playwright
@@ -71,13 +73,15 @@ def browser(chromium: Path) -> Iterator[Any]:
 def ui_servers(
     long_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, RunningServer]]:
-    """`open`: no key, one sequence and one queue slot (easy to overload); `keyed`: needs API_KEY.
+    """`open`: no key, one sequence and one queue slot (easy to overload); `keyed`: needs API_KEY;
+    `killed`: like `keyed`, for the one test that kills its server mid-reply (whatever runs after it).
 
-    Started side by side: each spends seconds importing torch, and the two overlap.
+    Started side by side: each spends seconds importing torch, and they overlap.
     """
     flags = {
         "open": ("--max-num-seqs", "1", "--max-waiting", "1", "--threads", "1"),
         "keyed": ("--api-key", API_KEY, "--threads", "1"),
+        "killed": ("--api-key", API_KEY, "--threads", "1"),
     }
     with ThreadPoolExecutor(len(flags)) as pool:
         futures = {
@@ -91,7 +95,7 @@ def ui_servers(
                 servers[name] = future.result()
             except Exception as exc:
                 failures.append(exc)
-    if failures:  # one did not start: do not leave the other running
+    if failures:  # one did not start: do not leave the others running
         for server in servers.values():
             server.stop()
         raise failures[0]

@@ -332,7 +332,7 @@ def test_errors_are_shown_in_the_conversation(page: Any, ui_servers: dict[str, R
 def test_api_key_prompt_then_chat_then_connection_loss(
     page: Any, ui_servers: dict[str, RunningServer], ui_api_key: str, tmp_path: Path
 ) -> None:
-    server = ui_servers["keyed"]
+    server = ui_servers["killed"]
     page.goto(server.url + "/")
     page.wait_for_selector("#key-form:not([hidden])")
     assert page.locator("#model-name").inner_text() == "locked"
