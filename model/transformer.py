@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.attention import paged_decode_attention
 from model.config import ModelConfig
 
 
@@ -46,11 +47,34 @@ class AttentionGroup:
 
 
 @dataclass
+class DecodeRows:
+    """The first `rows` tokens of the batch: one new token per sequence, attending over the paged cache
+    in place (`model/attention.py`). The decode fast path is a batch of these alone."""
+
+    slot_mapping: Tensor
+    """[rows] the cache slot each new token's keys and values go to (padding rows: a sink slot)."""
+    block_tables: Tensor
+    """[rows, width] int32: each sequence's cache blocks."""
+    seq_lens: Tensor
+    """[rows] int32: tokens each row attends to, its new one included; 0 for a padding row."""
+    block_size: int
+
+    @property
+    def rows(self) -> int:
+        return self.slot_mapping.shape[0]
+
+
+@dataclass
 class CacheBatch:
-    """How the flat batch of new tokens meets the cache: where their K/V go and who reads what."""
+    """How the flat batch of new tokens meets the cache: where their K/V go and who reads what.
+
+    Decode rows (if any) come first; prefill chunks follow as `groups`, whose keys and values are
+    written to `write_slots` and read back through `read_slots`.
+    """
 
     write_slots: Tensor
     groups: list[AttentionGroup]
+    decode: DecodeRows | None = None
 
 
 KVCache = list[tuple[Tensor, Tensor]]
@@ -143,9 +167,29 @@ class Attention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, layer_cache: tuple[Tensor, Tensor], batch: CacheBatch
     ) -> Tensor:
         k_cache, v_cache = layer_cache
+        outs = []
+        d = batch.decode
+        if d is not None:
+            n = d.rows
+            outs.append(
+                paged_decode_attention(
+                    q[:n],
+                    k[:n],
+                    v[:n],
+                    k_cache,
+                    v_cache,
+                    d.slot_mapping,
+                    d.block_tables,
+                    d.seq_lens,
+                    d.block_size,
+                    self.head_dim**-0.5,
+                )  # fmt: skip
+            )
+            if not batch.groups:
+                return outs[0]
+            k, v = k[n:], v[n:]
         k_cache.index_copy_(0, batch.write_slots, k)
         v_cache.index_copy_(0, batch.write_slots, v)
-        outs = []
         for g in batch.groups:
             qg = q[g.start : g.start + g.num_tokens].view(g.rows, g.q_len, self.n_heads, self.head_dim)
             kg = k_cache.index_select(0, g.read_slots).view(g.rows, g.kv_len, self.n_kv_heads, self.head_dim)
@@ -194,16 +238,8 @@ class Block(nn.Module):
         layer_cache: tuple[Tensor, Tensor] | None,
         batch: CacheBatch | None,
     ) -> Tensor:
-        q, k, v = self.attention_inputs(x, cos, sin)
-        return self.attention_output_and_mlp(x, self.self_attn.attend(q, k, v, layer_cache, batch))
-
-    # The two per-token halves of a block, around attention: `Transformer.compile_dense` compiles
-    # them, while cache writes and attention stay eager (compiling an in-place cache write would
-    # copy the whole cache every step).
-    def attention_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
-
-    def attention_output_and_mlp(self, x: Tensor, attn: Tensor) -> Tensor:
+        q, k, v = self.self_attn.project(self.input_layernorm(x), cos, sin)
+        attn = self.self_attn.attend(q, k, v, layer_cache, batch)
         x = x + _dropout(self.self_attn.o_proj(attn.flatten(-2)), self.dropout, self.training)
         return x + _dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
 
@@ -266,6 +302,7 @@ class Transformer(nn.Module):
             weight.device.type != "cpu"
             or weight.dtype != torch.bfloat16
             or not torch.backends.mkldnn.is_available()
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 or AMX
         ):
             return False
         for block in self.layers:
@@ -274,15 +311,6 @@ class Transformer(nn.Module):
             mlp.gate_up_proj, mlp.down_proj = PackedLinear(mlp.gate_up_proj), PackedLinear(mlp.down_proj)
         self.lm_head = PackedLinear(self.lm_head)
         return True
-
-    def compile_dense(self) -> None:
-        """torch.compile each block's per-token work (norms, projections, rotary, MLP, residuals).
-
-        Shapes are dynamic in the number of tokens, so one graph per half serves every step.
-        """
-        for block in self.layers:
-            block.attention_inputs = torch.compile(block.attention_inputs, dynamic=True)  # type: ignore[method-assign]
-            block.attention_output_and_mlp = torch.compile(block.attention_output_and_mlp, dynamic=True)  # type: ignore[method-assign]
 
     def forward(
         self,

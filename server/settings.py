@@ -158,7 +158,10 @@ class Settings:
     deterministic: bool = field(
         default=_engine_default("deterministic"), metadata=flag("batch-invariant results (slower)")
     )
-    compile: bool = field(default=_engine_default("compile"), metadata=flag("torch.compile the decode step"))
+    enforce_eager: bool = field(
+        default=_engine_default("enforce_eager"),
+        metadata=flag("run every step eagerly: no compiled decode graphs (faster start, slower decode)"),
+    )
     threads: int | None = field(
         default=_engine_default("num_threads"),
         metadata=flag("torch CPU threads (default: torch's)", type=positive_int),
@@ -186,7 +189,7 @@ class Settings:
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             enable_prefix_caching=not self.no_prefix_caching,
             deterministic=self.deterministic,
-            compile=self.compile,
+            enforce_eager=self.enforce_eager,
             num_threads=self.threads,
             seed=self.seed,
         )

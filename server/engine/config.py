@@ -31,7 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     deterministic: bool = False
     """Batch-invariant results: every sequence computed on its own, at fixed chunk boundaries."""
-    compile: bool = False
-    """torch.compile the decode step."""
+    enforce_eager: bool = False
+    """Run every step eagerly: no compiled decode graphs (faster start-up, slower decoding)."""
     num_threads: int | None = None
     seed: int = 0

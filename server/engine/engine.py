@@ -89,9 +89,10 @@ class LLMEngine:
                 f"{self.max_model_len}: raise --kv-cache-tokens or lower --max-model-len"
             )
         self.kv_capacity_tokens = num_blocks * config.block_size
-        # One extra block: block 0, the null block that padding reads.
+        # Two extra blocks: block 0, the null block that padding reads, and a last one that padded
+        # decode rows write to. Neither is ever handed out.
         cache = allocate_cache(
-            self.model_config, self.kv_capacity_tokens + config.block_size, self.dtype, self.device
+            self.model_config, self.kv_capacity_tokens + 2 * config.block_size, self.dtype, self.device
         )
         prefix_caching = config.enable_prefix_caching and not config.deterministic
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching)
@@ -99,7 +100,15 @@ class LLMEngine:
             self.blocks, config.max_num_seqs, config.prefill_chunk_tokens, aligned_chunks=config.deterministic
         )
         self.runner = ModelRunner(
-            self.model, cache, config.block_size, self.device, config.deterministic, config.compile
+            self.model,
+            cache,
+            block_size=config.block_size,
+            sink_slot=(num_blocks + 1) * config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            device=self.device,
+            deterministic=config.deterministic,
+            enforce_eager=config.enforce_eager,
         )
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -111,6 +120,7 @@ class LLMEngine:
             b or self.tokenizer.decode([i], skip_special_tokens=False).encode()
             for i, b in enumerate(self.tokenizer.token_bytes)
         ] + padding
+        self.runner.warm_up(lambda message: log.info("start-up: %s", message))
         self.requests: dict[int, Request] = {}
         self.steps = 0
         self.last_step: StepStats | None = None
@@ -173,11 +183,11 @@ class LLMEngine:
         if not step:
             return []
         now = time.monotonic()
-        for seq in step.sequences:
+        for seq, n in zip(step.sequences, step.num_tokens, strict=True):
             timings = seq.request.timings
             if timings.scheduled is None:
                 timings.scheduled = now
-                seq.request.cached_tokens = seq.num_computed_tokens
+                seq.request.cached_tokens = seq.num_computed_tokens - n
         started = time.perf_counter()
         decode_rows = sum(1 for n in step.num_tokens if n == 1)
         self.last_step = StepStats(
@@ -366,6 +376,7 @@ class AsyncEngine:
         self.num_parameters = self.core.num_parameters
         self.dtype = str(self.core.dtype).removeprefix("torch.")
         self.device = str(self.core.device)
+        self.decode_path = self.core.runner.path
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()

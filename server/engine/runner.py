@@ -1,19 +1,35 @@
 """Turns a scheduled step into one batched forward and returns the logits to sample from.
 
-All decode rows (one new token each) form a single attention group; each prefill chunk is a group
-of its own. Every linear layer sees the whole step's tokens at once, so a prefill chunk rides along
-with the decodes on the same weight reads. Only the last computed token of a sequence that has
-caught up gets logits.
+Two paths (gpt-fast's prefill/decode split):
+- the decode fast path: a step where every sequence computes its one last token runs one fixed-shape
+  function of the persistent `InputBatch`, padded to a bucket of 1, 2, 4, ... rows and compiled whole
+  per bucket (`torch.compile(fullgraph=True, dynamic=False)`; CUDA graphs on CUDA) at start-up;
+- the general path, eager: prefill chunks and mixed steps, laid out from the sequences each step.
+  Decode rows still attend through the paged op; each prefill chunk is an attention group of its own.
+Only the last computed token of a sequence that has caught up gets logits.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from model.transformer import AttentionGroup, CacheBatch, KVCache, Transformer
+from model.attention import load_cpu_kernel
+from model.transformer import AttentionGroup, CacheBatch, DecodeRows, KVCache, Transformer
+from server.engine.input_batch import InputBatch
 from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Sequence
+
+log = logging.getLogger("server.engine")
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes with a compiled decode graph: powers of two up to the first >= max_num_seqs."""
+    return [2**i for i in range(math.ceil(math.log2(max_num_seqs)) + 1)]
 
 
 class ModelRunner:
@@ -22,9 +38,12 @@ class ModelRunner:
         model: Transformer,
         cache: KVCache,
         block_size: int,
+        sink_slot: int,
+        max_num_seqs: int,
+        max_model_len: int,
         device: torch.device,
         deterministic: bool,
-        compile: bool = False,
+        enforce_eager: bool,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -32,93 +51,129 @@ class ModelRunner:
         self.device = device
         self.deterministic = deterministic
         self.dtype = model.embed_tokens.weight.dtype
-        model.pack_linears()
-        if compile:
-            model.compile_dense()
+        self.kernel = device.type == "cpu" and load_cpu_kernel()
+        self.buckets = decode_buckets(max_num_seqs)
+        self.fast_path = not (enforce_eager or deterministic)
+        self.input_batch = InputBatch(
+            self.buckets[-1], -(-max_model_len // block_size), block_size, sink_slot, device
+        )
+        self._decode: Callable[..., Tensor] = self._decode_forward
+        if self.fast_path:
+            self._decode = self._compile(self._decode_forward)
+        else:
+            model.pack_linears()  # oneDNN-packed bf16 weights for eager; the compiler packs its own
 
-    def _slots(self, block_tables: Tensor, length: int) -> Tensor:
-        """[rows, length] cache slots of positions 0..length-1 of each row's block table."""
-        pos = torch.arange(length, device=self.device)
-        return block_tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
+    @property
+    def path(self) -> str:
+        """What runs a decode step, for the start-up line."""
+        if not self.fast_path:
+            return "eager" + (" (deterministic)" if self.deterministic else "")
+        graphs = "CUDA graphs" if self.device.type == "cuda" else "inductor"
+        return f"compiled decode ({graphs}, buckets {','.join(map(str, self.buckets))})"
 
-    def _additive(self, visible: Tensor) -> Tensor:
-        """Float mask (0 where visible, -inf elsewhere) in the model's dtype: SDPA would otherwise
-        convert a boolean mask in every layer."""
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        return mask.masked_fill_(~visible, float("-inf"))
+    def _compile(self, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        # One graph per bucket and engine, all of the same function: allow that many (for several
+        # engines in one process, as in tests and benchmarks) before dynamo gives up.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 16 * len(self.buckets))
+        if self.device.type == "cuda":
+            return torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        return torch.compile(fn, fullgraph=True, dynamic=False, options={"freezing": True})
 
-    def _table(self, seqs: list[Sequence], length: int) -> Tensor:
-        width = -(-length // self.block_size)
-        rows = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+    def warm_up(self, progress: Callable[[str], None]) -> None:
+        """Compile (or load from the on-disk cache) every decode bucket, on padding rows only."""
+        if not self.fast_path:
+            return
+        ib = self.input_batch
+        for rows in self.buckets:
+            progress(f"compiling the decode step for {rows} row{'s' * (rows > 1)}")
+            with torch.inference_mode():
+                ib.prepare_decode(rows)
+                self._decode(*ib.device_tensors(rows))
 
-    def _build(self, seqs: list[Sequence], counts: list[int]) -> tuple[Tensor, Tensor, CacheBatch, list[int]]:
-        """Flat tokens, positions and the CacheBatch for `seqs` (decodes must come first)."""
-        bs = self.block_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        writes: list[int] = []
-        groups: list[AttentionGroup] = []
-        last_rows: list[int] = []
-        arange = torch.arange
-        decodes = seqs[: sum(1 for n in counts if n == 1)]
-        if decodes:
-            for s in decodes:
-                p = s.num_computed_tokens
-                tokens.append(s.token_ids[p])
-                positions.append(p)
-                writes.append(s.block_table[p // bs] * bs + p % bs)
-            kv_len = max(positions) + 1
-            last = torch.tensor(positions, device=self.device)
-            visible = arange(kv_len, device=self.device)[None, :] <= last[:, None]
-            # Past its own length a row reads the null block: stale slots are never touched.
-            read = self._slots(self._table(decodes, kv_len), kv_len) * visible
-            mask = self._additive(visible)[:, None, None, :]
-            groups.append(AttentionGroup(0, len(decodes), 1, kv_len, read.flatten(), mask))
-            last_rows.extend(range(len(decodes)))
-        for s, n in zip(seqs[len(decodes) :], counts[len(decodes) :], strict=True):
-            start, kv_len = s.num_computed_tokens, s.num_computed_tokens + n
-            first = len(tokens)
-            tokens.extend(s.token_ids[start:kv_len])
-            positions.extend(range(start, kv_len))
-            writes.extend(s.block_table[p // bs] * bs + p % bs for p in range(start, kv_len))
-            read = self._slots(self._table([s], kv_len), kv_len)
-            q_pos = arange(start, kv_len, device=self.device)
-            visible = arange(kv_len, device=self.device)[None, :] <= q_pos[:, None]
-            mask = self._additive(visible)[None, None]
-            groups.append(AttentionGroup(first, 1, n, kv_len, read.flatten(), mask))
-            last_rows.append(len(tokens) - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        batch = CacheBatch(write_slots=as_tensor(writes), groups=groups)
-        return as_tensor(tokens), as_tensor(positions), batch, last_rows
-
-    def _order(self, step: ScheduledStep) -> list[int]:
-        """Step indices in the order the flat batch lays them out: decodes first, then chunks."""
-        decodes = [i for i, n in enumerate(step.num_tokens) if n == 1]
-        return decodes + [i for i, n in enumerate(step.num_tokens) if n > 1]
+    def _decode_forward(
+        self, tokens: Tensor, positions: Tensor, slots: Tensor, tables: Tensor, lens: Tensor
+    ) -> Tensor:
+        decode = DecodeRows(slots, tables, lens, self.block_size)
+        return self.model(tokens, positions, self.cache, CacheBatch(slots[:0], [], decode))
 
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None]:
         """Run the step; return the sequences that caught up (in row order) and their logits."""
         if self.deterministic:
             return self._execute_one_by_one(step)
-        order = self._order(step)
+        if self.fast_path and step.is_decode_only and all(s.num_missing_tokens == 0 for s in step.sequences):
+            return self._execute_decode(step)
+        return self._execute_general(step)
+
+    def _execute_decode(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor]:
+        ib = self.input_batch
+        ib.update(step.sequences)
+        n = len(ib.seqs)
+        rows = next(b for b in self.buckets if b >= n)
+        ib.prepare_decode(rows)
+        logits = self._decode(*ib.device_tensors(rows))
+        return list(ib.seqs), logits[:n]
+
+    # -- the general path --------------------------------------------------------------------------
+
+    def _slots(self, table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _build(self, seqs: list[Sequence], counts: list[int]) -> tuple[Tensor, Tensor, CacheBatch, list[int]]:
+        """Flat tokens, positions and the CacheBatch for `seqs` (decodes must come first)."""
+        as_tensor = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype, device=self.device)  # noqa: E731
+        arange = torch.arange
+        tokens: list[int] = []
+        positions: list[int] = []
+        writes: list[int] = []
+        groups: list[AttentionGroup] = []
+        last_rows: list[int] = []
+        num_decodes = sum(1 for n in counts if n == 1)
+        decode = None
+        if num_decodes:
+            decodes = seqs[:num_decodes]
+            ends = [s.num_computed_tokens for s in decodes]
+            tokens = [s.token_ids[e - 1] for s, e in zip(decodes, ends, strict=True)]
+            positions = [e - 1 for e in ends]
+            width = -(-max(ends) // self.block_size)
+            tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in decodes]
+            slots = [self._slots(s.block_table, e - 1, e)[0] for s, e in zip(decodes, ends, strict=True)]
+            decode = DecodeRows(
+                as_tensor(slots),
+                as_tensor(tables, torch.int32),
+                as_tensor(ends, torch.int32),
+                self.block_size,
+            )
+            last_rows.extend(range(num_decodes))
+        for s, n in zip(seqs[num_decodes:], counts[num_decodes:], strict=True):
+            kv_len = s.num_computed_tokens
+            start = kv_len - n
+            first = len(tokens)
+            tokens.extend(s.token_ids[start:kv_len])
+            positions.extend(range(start, kv_len))
+            writes.extend(self._slots(s.block_table, start, kv_len))
+            read = as_tensor(self._slots(s.block_table, 0, kv_len))
+            q_pos = arange(start, kv_len, device=self.device)
+            visible = arange(kv_len, device=self.device)[None, :] <= q_pos[:, None]
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+            mask.masked_fill_(~visible, float("-inf"))  # additive: SDPA would convert a boolean per layer
+            groups.append(AttentionGroup(first, 1, n, kv_len, read, mask[None, None]))
+            last_rows.append(len(tokens) - 1)
+        batch = CacheBatch(write_slots=as_tensor(writes), groups=groups, decode=decode)
+        return as_tensor(tokens), as_tensor(positions), batch, last_rows
+
+    def _execute_general(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None]:
+        # Decodes first, then prefill chunks: the order the flat batch lays them out.
+        order = sorted(range(len(step)), key=lambda i: step.num_tokens[i] != 1)
         seqs = [step.sequences[i] for i in order]
         counts = [step.num_tokens[i] for i in order]
         tokens, positions, batch, last_rows = self._build(seqs, counts)
-        ready = [
-            i
-            for i, (s, n) in enumerate(zip(seqs, counts, strict=True))
-            if s.num_computed_tokens + n == s.num_tokens
-        ]
-        for s, n in zip(seqs, counts, strict=True):
-            s.num_computed_tokens += n
-        if not ready:
-            self.model(tokens, positions, self.cache, batch, logits_indices=tokens[:0])
-            return [], None
+        ready = [i for i, s in enumerate(seqs) if s.num_missing_tokens == 0]
         idx = torch.tensor([last_rows[i] for i in ready], dtype=torch.long, device=self.device)
         logits = self.model(tokens, positions, self.cache, batch, logits_indices=idx)
-        return [seqs[i] for i in ready], logits
+        return ([seqs[i] for i in ready], logits) if ready else ([], None)
 
     def _execute_one_by_one(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None]:
         """Batch-invariant mode: each sequence runs alone, so its numbers never depend on the batch."""
@@ -126,8 +181,7 @@ class ModelRunner:
         logits: list[Tensor] = []
         for seq, n in zip(step.sequences, step.num_tokens, strict=True):
             tokens, positions, batch, last_rows = self._build([seq], [n])
-            caught_up = seq.num_computed_tokens + n == seq.num_tokens
-            seq.num_computed_tokens += n
+            caught_up = seq.num_missing_tokens == 0
             idx = torch.tensor(last_rows if caught_up else [], dtype=torch.long, device=self.device)
             out = self.model(tokens, positions, self.cache, batch, logits_indices=idx)
             if caught_up:

@@ -1,5 +1,8 @@
 """Who runs this step, and how many tokens each computes. Pure Python: no tensors, no model.
 
+The scheduler owns progress (vLLM v1 style): scheduling `n` tokens of a sequence advances its
+`num_computed_tokens` by `n` at once, so the runner only reads where each sequence stands.
+
 Every step: running sequences first (decodes need one token; a sequence still prefilling gets the
 next chunk), then waiting ones are admitted while the batch, the prefill budget and the cache
 allow. When the cache cannot grow a running sequence, the most recently admitted one is
@@ -19,11 +22,20 @@ from server.engine.sequence import Sequence, Status
 class ScheduledStep:
     sequences: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
-    """Tokens each sequence computes this step, starting at its num_computed_tokens."""
+    """Tokens each sequence computes this step; they end at its (already advanced) num_computed_tokens."""
     preempted: list[Sequence] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.num_tokens)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        seq.num_computed_tokens += n
+        self.sequences.append(seq)
+        self.num_tokens.append(n)
 
 
 class Scheduler:
@@ -93,8 +105,7 @@ class Scheduler:
                 continue
             if n > 1:
                 budget -= n
-            step.sequences.append(seq)
-            step.num_tokens.append(n)
+            step.add(seq, n)
 
         # Only running sequences hold blocks: one that cannot be admitted gives back what it matched
         # (still findable by hash), so a queue of waiters can never wedge the cache.
@@ -113,6 +124,5 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             budget -= n
-            step.sequences.append(seq)
-            step.num_tokens.append(n)
+            step.add(seq, n)
         return step

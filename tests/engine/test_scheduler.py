@@ -31,11 +31,9 @@ def make_scheduler(
 
 
 def run_step(scheduler: Scheduler, step: ScheduledStep) -> None:
-    """What the runner and the engine do with a step, minus the model: each sequence's progress, its
-    published blocks, and a sampled token for each one that caught up. (When the scheduler advances
-    `num_computed_tokens` itself, drop the `+=` line.)"""
-    for seq, n in zip(step.sequences, step.num_tokens, strict=True):
-        seq.num_computed_tokens += n
+    """What the runner and the engine do with a step, minus the model: the published blocks, and a
+    sampled token for each sequence that caught up (the scheduler already advanced the progress)."""
+    for seq in step.sequences:
         scheduler.blocks.register_computed(seq)
         if seq.num_computed_tokens == seq.num_tokens:
             seq.token_ids.append(SAMPLED)

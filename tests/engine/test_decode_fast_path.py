@@ -1,0 +1,155 @@
+"""The compiled decode fast path against the eager general path, and the paged-attention op alone."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from model.attention import load_cpu_kernel, paged_decode_attention, reference_decode
+from server.engine.engine import LLMEngine
+from server.engine.params import SamplingParams
+from tests.engine.engine_driver import Result, run, submit
+
+BUCKETS_UP_TO = 8  # buckets 1, 2, 4, 8: every one gets used below
+
+
+def traffic(engine: LLMEngine, seed: int) -> list[Result]:
+    """Sequences joining, finishing at different lengths, n > 1 and seeded sampling, up to 8 at once."""
+    rng = random.Random(seed)
+    vocab = engine.tokenizer.vocab_size
+    arrivals: dict[int, list[tuple[list[int], SamplingParams]]] = {}
+    for i in range(14):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
+        params = SamplingParams(
+            max_tokens=rng.randint(3, 30),
+            temperature=0 if i % 3 else 0.8,
+            seed=i,
+            n=2 if i % 5 == 0 else 1,
+            logprobs=0,
+            ignore_eos=True,
+        )
+        arrivals.setdefault(rng.randrange(0, 40), []).append((prompt, params))
+    return run(engine, [], arrivals=arrivals)
+
+
+def summary(results: list[Result]) -> list[tuple[list[int], list[float]]]:
+    out = []
+    for r in results:
+        for index in range(r.request.params.n):
+            deltas = [d for d in r.deltas if d.index == index]
+            out.append(
+                ([t for d in deltas for t in d.token_ids], [lp.logprob for d in deltas for lp in d.logprobs])
+            )
+    return out
+
+
+@pytest.mark.parametrize("kv_cache_tokens", [4096, 384])  # 384: too small for all, so sequences get preempted
+def test_compiled_decode_equals_eager_in_float32(
+    make_engine: Callable[..., LLMEngine], kv_cache_tokens: int
+) -> None:
+    flags = {
+        "dtype": "float32",
+        "max_num_seqs": BUCKETS_UP_TO,
+        "kv_cache_tokens": kv_cache_tokens,
+        "max_model_len": 128,
+    }
+    compiled = make_engine(**flags)
+    assert compiled.runner.fast_path and compiled.runner.buckets == [1, 2, 4, 8]
+    eager = make_engine(enforce_eager=True, **flags)
+    fast, slow = summary(traffic(compiled, seed=1)), summary(traffic(eager, seed=1))
+    assert [tokens for tokens, _ in fast] == [tokens for tokens, _ in slow]
+    for (_, a), (_, b) in zip(fast, slow, strict=True):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+    assert compiled.blocks.num_used_blocks == 0
+
+
+def test_compiled_decode_greedy_tokens_equal_eager_in_bfloat16(make_engine: Callable[..., LLMEngine]) -> None:
+    flags = {"dtype": "bfloat16", "max_num_seqs": 4}
+    compiled, eager = make_engine(**flags), make_engine(enforce_eager=True, **flags)
+    prompts = [compiled.tokenizer.encode(t) for t in ("def main():\n", "import os\n", "class A:\n", "x = [")]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    a = run(compiled, [submit(compiled, p, params) for p in prompts])
+    b = run(eager, [submit(eager, p, params) for p in prompts])
+    assert [r.tokens() for r in a] == [r.tokens() for r in b]
+
+
+def test_steady_state_traffic_never_recompiles(make_engine: Callable[..., LLMEngine]) -> None:
+    engine = make_engine(max_num_seqs=BUCKETS_UP_TO)  # warm-up compiled every bucket
+    with torch.compiler.set_stance("fail_on_recompile"):
+        results = traffic(engine, seed=2)
+    assert all(r.finished is not None for r in results)
+
+
+def test_padding_rows_write_only_the_sink(make_engine: Callable[..., LLMEngine]) -> None:
+    engine = make_engine(dtype="float32", max_num_seqs=4)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    results = [submit(engine, engine.tokenizer.encode(f"row {i} " * (i + 1)), params) for i in range(3)]
+    while any(s.num_output_tokens == 0 for r in results for s in r.request.sequences):
+        engine.step()  # prefills: now three rows decode, padded to the bucket of four
+    seqs = [r.request.sequences[0] for r in results]
+    before = [(k.clone(), v.clone()) for k, v in engine.runner.cache]
+    bs = engine.blocks.block_size
+    # The slots of the three rows' new tokens: the only ones besides the sink that may change.
+    slots = {s.block_table[(s.num_tokens - 1) // bs] * bs + (s.num_tokens - 1) % bs for s in seqs}
+    engine.step()
+    assert engine.last_step is not None and engine.last_step.decode_rows == 3
+    sink = engine.runner.input_batch.sink_slot
+    for (k0, v0), (k1, v1) in zip(before, engine.runner.cache, strict=True):
+        changed = ((k0 != k1).flatten(1).any(1) | (v0 != v1).flatten(1).any(1)).nonzero().flatten().tolist()
+        assert slots <= set(changed) <= slots | set(range(sink, sink + bs)), changed
+        assert not k1[:bs].any() and not v1[:bs].any()  # the null block stays zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block"), [(4, 2, 16, 16), (9, 3, 64, 16), (6, 6, 32, 8)]
+)
+def test_cpu_kernel_matches_the_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int
+) -> None:
+    if not load_cpu_kernel():
+        pytest.skip("no C++ compiler: the op runs its reference body")
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(400 * block, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(400 * block, kv_heads, dim, generator=gen).to(dtype)
+    lens = torch.tensor([1, 0, 17, 700, 1500, block], dtype=torch.int32)  # a padding row among them
+    tables = torch.randint(1, 400, (6, 1500 // block + 1), generator=gen, dtype=torch.int32)
+    q = torch.randn(6, heads, dim, generator=gen).to(dtype)
+    out = torch.ops.tinyserve_cpu.paged_decode(q, k_cache, v_cache, tables, lens, block, dim**-0.5)
+    ref = reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, block, dim**-0.5)
+    live = lens > 0
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out.float()[live], ref[live], atol=tol, rtol=tol)
+    assert not out[~live].any()
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+        ),
+    ],
+)
+def test_op_writes_the_new_keys_then_attends_to_them(device: str) -> None:
+    load_cpu_kernel()
+    k_cache = torch.zeros(64, 2, 8, device=device)
+    v_cache = torch.zeros(64, 2, 8, device=device)
+    q, k, v = (
+        torch.randn(1, 4, 8, device=device),
+        torch.randn(1, 2, 8, device=device),
+        torch.randn(1, 2, 8, device=device),
+    )
+    tables = torch.tensor([[3, 0]], dtype=torch.int32, device=device)
+    out = paged_decode_attention(
+        q, k, v, k_cache, v_cache, torch.tensor([16 * 3], device=device), tables,
+        torch.tensor([1], dtype=torch.int32, device=device), 16, 8**-0.5,
+    )  # fmt: skip
+    assert torch.equal(k_cache[48], k[0]) and torch.equal(v_cache[48], v[0])
+    # One visible token: each query head's output is that token's value (its kv head's).
+    assert torch.allclose(out[0], v[0].repeat_interleave(2, dim=0), atol=1e-6)
