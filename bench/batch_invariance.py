@@ -18,7 +18,7 @@ from pathlib import Path
 
 from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig
-from server.engine.engine import LLMEngine
+from server.engine.core import LLMEngine
 from server.engine.outputs import Delta, Timings
 from server.engine.params import SamplingParams
 from server.engine.sequence import Request

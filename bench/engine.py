@@ -32,7 +32,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from torch import Tensor
 
-import server.engine.engine as engine_module
+import server.engine.core as engine_module
 from bench.roofline import (
     Machine,
     linear_weights,
@@ -46,7 +46,7 @@ from model.config import ModelConfig
 from model.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from model.transformer import Transformer
 from server.engine.config import EngineConfig
-from server.engine.engine import LLMEngine
+from server.engine.core import LLMEngine
 from server.engine.outputs import Timings
 from server.engine.params import SamplingParams
 from server.engine.sequence import Request

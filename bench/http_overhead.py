@@ -99,7 +99,7 @@ async def engine_run(engine: Any, batch: list[list[int]], new_tokens: int, tag: 
 
 
 async def engine_bench(args: argparse.Namespace, model: Path) -> dict[int, list[Run]]:
-    from server.engine.engine import AsyncEngine
+    from server.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine(parse_settings(["--model", str(model), *engine_flags(args)], env={}).engine_config())
     engine.start()

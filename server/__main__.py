@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot bind {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
-        from server.engine.engine import AsyncEngine
+        from server.engine.async_engine import AsyncEngine
 
         engine = AsyncEngine(settings.engine_config())
     except KeyboardInterrupt:

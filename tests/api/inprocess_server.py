@@ -23,7 +23,7 @@ from torch import nn
 
 from server.api.app import create_app
 from server.engine.config import EngineConfig
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
 from server.settings import parse_settings
 
 

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from bench.harness import RunningServer, Scrape, scrape
 from server.api.app import create_app
-from server.engine.engine import AsyncEngine
+from server.engine.async_engine import AsyncEngine
 from server.settings import parse_settings
 from tests.support import sse_events, wait_idle
 

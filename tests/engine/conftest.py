@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.engine.config import EngineConfig
-from server.engine.engine import LLMEngine
+from server.engine.core import LLMEngine
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.engine.engine import LLMEngine
+from server.engine.core import LLMEngine
 from server.engine.outputs import Delta, EngineError, Finished, Timings
 from server.engine.params import SamplingParams
 from server.engine.sequence import Request

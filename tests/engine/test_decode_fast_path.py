@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.attention import load_cpu_kernel, paged_decode_attention, reference_decode
-from server.engine.engine import LLMEngine
+from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
 from tests.engine.engine_driver import Result, run, submit
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from server.engine.engine import LLMEngine
+from server.engine.core import LLMEngine
 from server.engine.params import ParamError, SamplingParams
 from tests.engine.engine_driver import Result, run, submit
 

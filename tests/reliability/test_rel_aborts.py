@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.harness import RunningServer, scrape
 from server.engine.config import EngineConfig
-from server.engine.engine import LLMEngine
+from server.engine.core import LLMEngine
 from server.engine.outputs import EngineError, Timings
 from server.engine.params import SamplingParams
 from server.engine.sequence import Request

@@ -1,22 +1,14 @@
-"""The step loop and its async facade.
+"""The engine core: the step loop, synchronous and owned by one thread (no asyncio).
 
-`LLMEngine` is synchronous and owned by one thread: schedule, run the model, sample, detokenize,
-and return what each request should hear. `AsyncEngine` runs that loop on its own thread, takes
-new requests and aborts through an inbox drained at the top of each step, and hands events to
-each request's asyncio.Queue with one `call_soon_threadsafe` per step. The event loop never waits
-for the model.
+Schedule, run the model, sample, detokenize, and return what each request should hear. The async
+facade in `async_engine.py` runs it on its own thread.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -28,12 +20,9 @@ from server.engine.kv_cache import BlockManager, allocate_cache, kv_bytes_per_to
 from server.engine.outputs import (
     Delta,
     EngineError,
-    EngineOverloaded,
     EngineStats,
-    EngineStopped,
     Finished,
     StepStats,
-    Timings,
     TokenLogprob,
     TopLogprob,
 )
@@ -324,216 +313,3 @@ class LLMEngine:
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
             steps=self.steps,
         )
-
-
-class RequestStream:
-    """Async iterator over one request's events; closing it early aborts the request."""
-
-    def __init__(self, engine: AsyncEngine, request: Request, events: asyncio.Queue[Any]) -> None:
-        self._engine = engine
-        self._request = request
-        self._events = events
-        self._done = False
-
-    def __aiter__(self) -> AsyncIterator[Delta | Finished]:
-        return self
-
-    async def __anext__(self) -> Delta | Finished:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._events.get()
-        except asyncio.CancelledError:
-            self.abort()
-            raise
-        if isinstance(item, Finished):
-            self._done = True
-        elif isinstance(item, Exception):
-            self._done = True
-            raise item
-        return item
-
-    def abort(self) -> None:
-        if not self._done:
-            self._done = True
-            self._engine._post(("abort", self._request))
-
-    async def aclose(self) -> None:
-        self.abort()
-
-
-class AsyncEngine:
-    """The engine as the HTTP layer sees it: submit, stream, abort, stats. See module docstring."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        self.core = LLMEngine(config)
-        self.config = config
-        self.tokenizer = self.core.tokenizer
-        self.model_config = self.core.model_config
-        self.model_name = config.model.resolve().name
-        self.max_model_len = self.core.max_model_len
-        self.kv_capacity_tokens = self.core.kv_capacity_tokens
-        self.num_parameters = self.core.num_parameters
-        self.dtype = str(self.core.dtype).removeprefix("torch.")
-        self.device = str(self.core.device)
-        self.decode_path = self.core.runner.path
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._active = 0
-        self._admitting = True
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stats = self.core.stats()
-        self._step_listeners: list[Callable[[StepStats], None]] = []
-
-    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
-        """Call `listener` on the engine thread after every step (metrics); it must be quick."""
-        self._step_listeners.append(listener)
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
-
-    @property
-    def is_ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    @property
-    def is_alive(self) -> bool:
-        """False once the engine thread has ended: requests could only hang (liveness fails)."""
-        return self._thread is None or self._thread.is_alive() or self._stopping
-
-    def stop_admitting(self) -> None:
-        self._admitting = False
-
-    async def drain(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self._active == 0
-
-    def abort_all(self, reason: str) -> None:
-        self._post(("abort_all", reason))
-
-    def shutdown(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    # -- requests ------------------------------------------------------------------------------
-
-    async def encode(self, text: str) -> list[int]:
-        return await asyncio.to_thread(self.tokenizer.encode, text)
-
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        def render() -> list[int]:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), parse_special=True)
-
-        return await asyncio.to_thread(render)
-
-    async def decode(self, ids: list[int]) -> str:
-        return await asyncio.to_thread(self.tokenizer.decode, ids)
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
-        """Validate and enqueue; raises ParamError, EngineOverloaded or EngineStopped at once."""
-        if not self._admitting or self._loop is None:
-            raise EngineStopped("the server is shutting down")
-        max_tokens = self.core.validate(prompt_ids, params)
-        with self._lock:
-            if self._active >= self.config.max_num_seqs + self.config.max_waiting:
-                raise EngineOverloaded("the server is overloaded; retry shortly")
-            self._active += 1
-        events: asyncio.Queue[Any] = asyncio.Queue()
-        request = Request(
-            request_id=request_id,
-            prompt_ids=list(prompt_ids),
-            params=params,
-            max_tokens=max_tokens,
-            sink=events,
-            timings=Timings(arrival=time.monotonic()),
-        )
-        self._post(("add", request))
-        return RequestStream(self, request, events)
-
-    def stats(self) -> EngineStats:
-        return self._stats
-
-    # -- the engine thread ---------------------------------------------------------------------
-
-    def _post(self, message: tuple[str, Any]) -> None:
-        self._inbox.put(message)
-        self._wake.set()
-
-    def _finished(self, request: Request) -> None:
-        with self._lock:
-            self._active -= 1
-
-    def _drain_inbox(self) -> list[Output]:
-        outputs: list[Output] = []
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return outputs
-            if kind == "add":
-                self.core.add(payload)
-            elif kind == "abort" and not payload.done:
-                self.core.abort(payload)
-                self._finished(payload)
-            elif kind == "abort_all":
-                outputs.extend(self.core.fail_all(payload))
-
-    def _deliver(self, outputs: list[Output]) -> None:
-        for request, item in outputs:
-            if isinstance(item, Finished | EngineError):
-                self._finished(request)
-        assert self._loop is not None
-        limit = self.config.max_buffered_events
-
-        def put_all() -> None:
-            for request, item in outputs:
-                if request.cut:
-                    continue
-                if request.sink.qsize() >= limit and isinstance(item, Delta):
-                    # The client stopped reading: cut the request rather than buffer without bound.
-                    request.cut = True
-                    request.sink.put_nowait(EngineError("the client fell too far behind its stream"))
-                    self._post(("abort", request))
-                    continue
-                request.sink.put_nowait(item)
-
-        self._loop.call_soon_threadsafe(put_all)
-
-    def _notify(self, stats: StepStats) -> None:
-        for listener in self._step_listeners:
-            try:
-                listener(stats)
-            except Exception:  # a metrics glitch must not fail requests
-                log.exception("step listener failed")
-
-    def _run(self) -> None:
-        while not self._stopping:
-            outputs: list[Output] = []
-            try:
-                outputs = self._drain_inbox()
-                if not outputs and not self.core.has_work:
-                    self._stats = self.core.stats()
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                self.core.last_step = None
-                outputs.extend(self.core.step())
-                if self.core.last_step is not None:
-                    self._notify(self.core.last_step)
-            except Exception:  # a bug must not kill the engine thread: fail what was in flight, go on
-                log.exception("engine step failed; failing the requests in flight")
-                outputs.extend(self.core.fail_all("internal engine error"))
-            self._stats = self.core.stats()
-            if outputs:
-                self._deliver(outputs)
