@@ -22,8 +22,8 @@ from fastapi import FastAPI
 from torch import nn
 
 from server.api.app import create_app
-from server.engine.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
 from server.settings import parse_settings
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
 from server.engine.outputs import Delta, EngineError, EngineOverloaded, EngineStopped, Finished, StepStats
 from server.engine.params import SamplingParams
 

@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 
 from bench.harness import RunningServer, free_port
 from server.api.app import create_app
-from server.engine.config import EngineConfig
 from server.engine.async_engine import AsyncEngine
+from server.engine.config import EngineConfig
 from server.settings import parse_settings
 from tests.reliability.rel_support import port_of, read_head
 from tests.support import sse_events
