@@ -1,10 +1,12 @@
-"""Decode throughput of our engine against transformers' generate() and the machine's roofline.
+"""Decode throughput of our engine against transformers, llama.cpp and the machine's roofline.
 
 One run, one machine, one set of weights: our LLMEngine, Hugging Face `generate()` on the same
-checkpoint directory in the same dtype, and the floor a decode step cannot beat here (bench/roofline.py).
-Run from the repository root, for example:
+checkpoint directory in the same dtype, llama.cpp's llama-batched-bench on a GGUF converted from it
+(where llama.cpp is built, see --llamacpp), and the floor a decode step cannot beat here
+(bench/roofline.py). Run from the repository root, for example:
 
-    .venv/bin/python -m bench.engine --random-110m --batch-sizes 1,4,16,64 --threads 2 --json out.json
+    .venv/bin/python -m bench.engine --shape 110m --batch-sizes 1,8,32 --threads 2 --json out.json
+    .venv/bin/python -m bench.engine --shape 135m-deep --long-context   # one 4,096-token prompt, 64 new
 
 `--profile` instead breaks our decode step down (scheduler, runner._build, forward ops, sampler).
 """
@@ -15,9 +17,11 @@ import argparse
 import contextlib
 import inspect
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +56,10 @@ from server.engine.params import SamplingParams
 from server.engine.sequence import Request
 
 DEFAULT_MODEL = Path("weights/default")
+LLAMACPP_SCRIPT = Path("/work/shared/anchors/llamacpp.sh")
+GGUF_TYPES = {"float32": "f32", "bfloat16": "f16"}
+"""GGUF type per dtype: llama.cpp's 16-bit anchor is f16, as in the README's earlier bf16 comparison."""
+LONG_CONTEXT = {"batch_sizes": "1", "prompt_tokens": 4096, "new_tokens": 64}
 HF_METHOD = (
     "transformers: time(generate(max_new_tokens=N)) - time(generate(max_new_tokens=1)) "
     "for B*(N-1) tokens (prefill subtracted)"
@@ -59,6 +67,10 @@ HF_METHOD = (
 OURS_METHOD = (
     "ours: B*(N-1) tokens / wall time of the steps after every sequence has its first token "
     "(prefill excluded); ms/step is the median decode step"
+)
+LLAMACPP_METHOD = (
+    "llama.cpp: llama-batched-bench S_TG (B*N tokens / time of the N decode steps after the prompts) "
+    "and T_PP (the B prompts), separate sequences, same P, N, B and threads"
 )
 
 # Measured earlier on this machine kind: 2 threads, prompt 128, 128 generated, float32, decode tokens/s.
@@ -92,23 +104,44 @@ def pad_tokenizer(directory: Path, vocab_size: int) -> None:
     tok.save(str(directory / TOKENIZER_FILE))
 
 
-def build_random_110m(directory: Path, seed: int = 0) -> Path:
-    """A ~110M-parameter Llama with random weights (float32 on disk) and a tokenizer padded to its vocab."""
+@dataclass(frozen=True)
+class Shape:
+    """A random-weight Llama shape: the knobs that set a decode step's bytes and op count."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+
+SHAPES = {
+    "110m": Shape(hidden=768, intermediate=2048, layers=12, heads=12, kv_heads=4, vocab=32000, tied=False),
+    # SmolLM-135M's shape: narrow and deep, so per-layer overhead weighs more than in 110m.
+    "135m-deep": Shape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
+}
+
+
+def build_random(directory: Path, shape: Shape, seed: int = 0) -> Path:
+    """A Llama of `shape` with random weights (float32 on disk) and a tokenizer padded to its vocab."""
     if (DEFAULT_MODEL / TOKENIZER_FILE).is_file():
         Tokenizer.load(DEFAULT_MODEL).save(directory)
     else:  # decode runs on token ids: any small tokenizer will do
         train_tokenizer([inspect.getsource(json.decoder), inspect.getsource(argparse)], 512).save(directory)
     tokenizer = Tokenizer.load(directory)
-    vocab = max(32000, tokenizer.vocab_size)
+    vocab = max(shape.vocab, tokenizer.vocab_size)
     pad_tokenizer(directory, vocab)
     config = ModelConfig(
         vocab_size=vocab,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=8192,  # room for --long-context
+        tie_word_embeddings=shape.tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -116,6 +149,11 @@ def build_random_110m(directory: Path, seed: int = 0) -> Path:
     model.init_weights(seed=seed)
     save_model(model, directory, dtype=torch.float32)
     return directory
+
+
+def build_random_110m(directory: Path) -> Path:
+    """The 110m shape, for bench/serve and bench/http_overhead."""
+    return build_random(directory, SHAPES["110m"])
 
 
 def reference_for(config: ModelConfig, dtype: str) -> tuple[str | None, dict[int, dict[str, float]]]:
@@ -161,10 +199,10 @@ def make_engine(model_dir: Path, args: argparse.Namespace, max_batch: int) -> LL
             dtype=args.dtype,
             kv_cache_tokens=kv_tokens,
             block_size=block,
-            max_num_seqs=max_batch,
+            max_num_seqs=max_batch,  # also the largest compiled decode bucket
             prefill_chunk_tokens=max(256, max_batch * args.prompt_tokens),
             num_threads=args.threads,
-            compile=args.compile,
+            enforce_eager=args.enforce_eager,
         )
     )
 
@@ -272,6 +310,84 @@ def run_hf(model: Any, prompts: Tensor, new_tokens: int, repeats: int) -> HFResu
     decode = full - prefill
     tokens = prompts.shape[0] * (new_tokens - 1)
     return HFResult(tokens / decode if decode > 0 else float("nan"), full, prefill, decode, tokens)
+
+
+# -- llama.cpp ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LlamaCppResult:
+    tokens_per_s: float
+    """S_TG: B*N generated tokens over the N decode steps' time."""
+    decode_s: float
+    prefill_s: float
+    """T_PP: the B prompts, from nothing to their logits (at batch 1, the time to first token)."""
+    prefill_tokens_per_s: float
+
+
+def default_llamacpp_dir() -> Path:
+    """Where the anchors script puts the binaries: $LLAMACPP_DIR/bin, else its default cache."""
+    root = os.environ.get("LLAMACPP_DIR")
+    return Path(root) / "bin" if root else Path.home() / ".cache" / "llamacpp-anchor" / "bin"
+
+
+def parse_batched_bench(text: str) -> dict[int, LlamaCppResult]:
+    """llama-batched-bench's markdown table (PP, TG, B, N_KV, T_PP s, S_PP t/s, T_TG s, S_TG t/s, ...)."""
+    header: list[str] | None = None
+    rows: dict[int, LlamaCppResult] = {}
+    for line in text.splitlines():
+        if not line.lstrip().startswith("|") or set(line.strip()) <= set("|-: "):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if "S_TG t/s" in cells:
+            header = cells
+        elif header is not None:
+            row = dict(zip(header, cells, strict=True))
+            rows[int(row["B"])] = LlamaCppResult(
+                tokens_per_s=float(row["S_TG t/s"]),
+                decode_s=float(row["T_TG s"]),
+                prefill_s=float(row["T_PP s"]),
+                prefill_tokens_per_s=float(row["S_PP t/s"]),
+            )
+    return rows
+
+
+def run_llamacpp(model_dir: Path, args: argparse.Namespace) -> tuple[dict[int, LlamaCppResult], list[str]]:
+    """Convert the checkpoint to GGUF in a temp dir, run llama-batched-bench on it once for every B."""
+    gguf_type = GGUF_TYPES[args.dtype]
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        gguf = Path(tmp) / f"model-{gguf_type}.gguf"
+        convert = [
+            *("bash", str(args.llamacpp_script), "convert"),
+            str(model_dir.resolve()),
+            str(gguf),
+            gguf_type,
+        ]
+        print(f"llama.cpp: {' '.join(convert)}", file=sys.stderr, flush=True)
+        done = subprocess.run(convert, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not gguf.is_file():
+            log = gguf.with_name(gguf.name + ".log")
+            text = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+            raise SystemExit(f"llama.cpp: GGUF conversion failed:\n{done.stderr[-2000:]}\n{text}")
+        # Separate sequences each need P + N cache cells; llama.cpp splits the context evenly among them.
+        context = max(args.batch_sizes) * (args.prompt_tokens + args.new_tokens) + 512
+        command = [
+            *(str(args.llamacpp / "llama-batched-bench"), "-m", str(gguf)),
+            *("-npp", str(args.prompt_tokens), "-ntg", str(args.new_tokens)),
+            *("-npl", ",".join(map(str, args.batch_sizes)), "-c", str(context)),
+            *("-b", "2048", "-ub", "512", "-t", str(args.threads)),
+        ]
+        print(f"llama.cpp: {' '.join(command)}", file=sys.stderr, flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+    rows = parse_batched_bench(done.stdout)
+    missing = [b for b in args.batch_sizes if b not in rows]
+    if done.returncode != 0 or missing:
+        raise SystemExit(
+            f"llama.cpp: llama-batched-bench exited {done.returncode}, no result for batch sizes "
+            f"{missing}:\n{done.stderr[-3000:]}"
+        )
+    command[command.index("-m") + 1] = f"<the model as {gguf_type} GGUF>"
+    return rows, command
 
 
 # -- bfloat16 agreement ------------------------------------------------------------------------
@@ -476,27 +592,44 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 def print_table(report: dict[str, Any]) -> None:
     cfg, machine = report["config"], report["machine"]
+    llc = "unknown" if machine["llc_bytes"] is None else f"{machine['llc_bytes'] / 2**20:.0f} MiB"
     print(
         f"\n## Decode throughput: {cfg['model']} ({cfg['parameters'] / 1e6:.1f}M params, {cfg['dtype']}), "
         f"prompt {cfg['prompt_tokens']}, {cfg['new_tokens']} new tokens, {cfg['threads']} threads\n"
     )
     print(
-        "| batch | ours tok/s | ours ms/step | transformers tok/s | roofline tok/s | bound "
-        "| ours/transformers | ours/roofline | ref transformers | ref llama.cpp | ref roofline |"
+        "| batch | ours tok/s | ours ms/step | transformers tok/s | llama.cpp tok/s | ours/transformers "
+        "| ours/llama.cpp | non-matmul share | roofline tok/s | bound | ours/roofline "
+        "| ref transformers | ref llama.cpp | ref roofline |"
     )
-    print("|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in report["results"]:
-        hf, ref, ratio = r["transformers"], r["reference"] or {}, r["ratios"]
+        hf, lcp, ref, ratio = r["transformers"], r["llama.cpp"], r["reference"] or {}, r["ratios"]
         print(
             f"| {r['batch_size']} | {fmt(r['ours']['tokens_per_s'])} | {fmt(r['ours']['step_ms_median'], 2)} "
-            f"| {fmt(hf and hf['tokens_per_s'])} | {fmt(r['roofline']['tokens_per_s'])} "
-            f"| {r['roofline']['bound']} | {fmt(ratio['ours_over_transformers'], 2)} "
-            f"| {fmt(ratio['ours_over_roofline'], 2)} | {fmt(ref.get('transformers'), 0)} "
-            f"| {fmt(ref.get('llama.cpp'), 0)} | {fmt(ref.get('roofline'), 0)} |"
+            f"| {fmt(hf and hf['tokens_per_s'])} | {fmt(lcp and lcp['tokens_per_s'])} "
+            f"| {fmt(ratio['ours_over_transformers'], 2)} | {fmt(ratio['ours_over_llamacpp'], 2)} "
+            f"| {ratio['non_matmul_share']:.0%} | {fmt(r['roofline']['tokens_per_s'])} "
+            f"| {r['roofline']['bound']} | {fmt(ratio['ours_over_roofline'], 2)} "
+            f"| {fmt(ref.get('transformers'), 0)} | {fmt(ref.get('llama.cpp'), 0)} "
+            f"| {fmt(ref.get('roofline'), 0)} |"
         )
     print(
-        f"\nmachine: read {machine['read_gbs']:.1f} GB/s, copy {machine['copy_gbs']:.1f} GB/s "
-        f"(roofline uses {machine['bandwidth_gbs']:.1f}); torch.mm {machine['matmul_gflops']:.0f} GFLOP/s "
+        f"\n### Prefill: B prompts of {cfg['prompt_tokens']} tokens until each has a first token "
+        "(seconds; at batch 1 the time to first token)\n"
+    )
+    print("| batch | ours s | transformers s | llama.cpp s | ours/llama.cpp |\n|---:|---:|---:|---:|---:|")
+    for r in report["results"]:
+        ours_s = r["ours"]["prefill_s"]
+        hf_s, lcp_s = (r[k] and r[k]["prefill_s"] for k in ("transformers", "llama.cpp"))
+        print(
+            f"| {r['batch_size']} | {fmt(ours_s, 3)} | {fmt(hf_s, 3)} | {fmt(lcp_s, 3)} "
+            f"| {fmt(lcp_s and ours_s / lcp_s, 2)} |"
+        )
+    print(
+        f"\nmachine: weight streaming {machine['read_gbs']:.1f} GB/s (float32 one-row F.linear over "
+        f"{machine['streamed_bytes'] / 2**20:.0f} MiB; LLC {llc}; the roofline's bandwidth), copy "
+        f"{machine['copy_gbs']:.1f} GB/s; torch.mm {machine['matmul_gflops']:.0f} GFLOP/s "
         f"({machine['dtype']}, {machine['matmul_rows']} rows at the model's weight shapes)"
     )
     print(f"weights read per step: {cfg['weight_bytes_per_step'] / 1e6:.1f} MB")
@@ -509,6 +642,7 @@ def print_table(report: dict[str, Any]) -> None:
         "matmul-only ms/step (each weight once through torch.mm at B rows), ours / it:",
         ", ".join(matmul_only),
     )
+    print("non-matmul share = (ours median step - matmul-only step) / ours median step")
     for note in report["notes"]:
         print(f"- {note}")
     check = report.get("check_bf16")
@@ -535,21 +669,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory")
-    source.add_argument("--random-110m", action="store_true", help="build a ~110M random model in a temp dir")
+    source.add_argument(
+        "--shape", choices=SHAPES, help="build a random-weight model of this shape in a temp dir"
+    )
+    source.add_argument(
+        "--random-110m", dest="shape", action="store_const", const="110m", help="--shape 110m"
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--batch-sizes", default="1,4,16,64")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument(
+        "--long-context",
+        action="store_true",
+        help="defaults to one stream, a 4,096-token prompt and 64 new tokens (explicit flags still win)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per batch size; the best counts")
-    p.add_argument("--compile", action="store_true", help="our engine with torch.compile'd decode steps")
+    p.add_argument("--enforce-eager", action="store_true", help="our engine without compiled decode steps")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    p.add_argument(
+        "--llamacpp",
+        type=Path,
+        default=default_llamacpp_dir(),
+        help="llama-batched-bench's directory (default: $LLAMACPP_DIR/bin or ~/.cache/llamacpp-anchor/bin)",
+    )
+    p.add_argument(
+        "--llamacpp-script",
+        type=Path,
+        default=LLAMACPP_SCRIPT,
+        help="the anchors script that converts to GGUF",
+    )
+    p.add_argument("--skip-llamacpp", action="store_true", help="do not run llama.cpp even where it is built")
     p.add_argument("--check-bf16", action="store_true", help="greedy agreement with a bf16 reference")
     p.add_argument("--check-prompts", type=int, default=4)
     p.add_argument("--profile", action="store_true", help="profile our decode step instead of benchmarking")
     p.add_argument("--profile-steps", type=int, default=16)
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
+    if args.long_context:
+        p.set_defaults(**LONG_CONTEXT)
+        args = p.parse_args(argv)
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -562,8 +722,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--new-tokens must be at least 2 (one prefill token, then decode)")
     if args.check_bf16 and args.dtype != "bfloat16":
         p.error("--check-bf16 needs --dtype bfloat16")
-    if not args.random_110m and not (args.model / "config.json").is_file():
-        p.error(f"{args.model} is not a checkpoint directory: pass --model DIR or --random-110m")
+    if not args.shape and not (args.model / "config.json").is_file():
+        p.error(f"{args.model} is not a checkpoint directory: pass --model DIR or --shape NAME")
     return args
 
 
@@ -572,6 +732,10 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(model_dir)
     if args.prompt_tokens + args.new_tokens > config.max_position_embeddings:
         raise SystemExit(f"prompt + new tokens exceed the model's {config.max_position_embeddings} positions")
+    llamacpp_found = (args.llamacpp / "llama-batched-bench").is_file() and args.llamacpp_script.is_file()
+    run_anchor = llamacpp_found and not args.skip_llamacpp and not args.profile
+    # First, so that a failed conversion costs seconds, not a whole run of ours.
+    llamacpp, llamacpp_command = run_llamacpp(model_dir, args) if run_anchor else ({}, None)
     engine = make_engine(model_dir, args, max(args.batch_sizes))
     vocab = engine.tokenizer.vocab_size
     if args.profile:
@@ -587,49 +751,63 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     context = args.prompt_tokens + args.new_tokens / 2  # mean context over the decode
     results = []
     for batch in args.batch_sizes:
-        run_ours(engine, random_prompts(batch, args.prompt_tokens, vocab, seed=1000 * batch), 8)  # warm-up
+        warm_up = random_prompts(batch, args.prompt_tokens, vocab, seed=1000 * batch)
+        run_ours(engine, warm_up, min(8, args.new_tokens))
         runs = []
         for i in range(args.repeats):  # fresh prompts each time: no prefix-cache hits
             prompts = random_prompts(batch, args.prompt_tokens, vocab, seed=1000 * batch + i + 1)
             runs.append(run_ours(engine, prompts, args.new_tokens)[0])
         ours = max(runs, key=lambda r: r.tokens_per_s)
         hf = None if hf_model is None else run_hf(hf_model, prompts, args.new_tokens, args.repeats)
+        lcp = llamacpp.get(batch)
         roof = roofline(step_cost(config, element, batch, context), machine, batch)
-        matmul_s = matmul_step_seconds(weights, batch)
+        matmul_ms = matmul_step_seconds(weights, batch) * 1e3
         results.append(
             {
                 "batch_size": batch,
                 "ours": asdict(ours),
                 "transformers": hf and asdict(hf),
+                "llama.cpp": lcp and asdict(lcp),
                 "roofline": asdict(roof),
-                "matmul_only_step_ms": matmul_s * 1e3,
+                "matmul_only_step_ms": matmul_ms,
                 "ratios": {
                     "ours_over_transformers": hf and ours.tokens_per_s / hf.tokens_per_s,
+                    "ours_over_llamacpp": lcp and ours.tokens_per_s / lcp.tokens_per_s,
                     "ours_over_roofline": ours.tokens_per_s / roof.tokens_per_s,
                     # Both measured here within seconds: the ratio survives a noisy machine best.
-                    "step_over_matmul_only": ours.step_ms_median / (matmul_s * 1e3),
+                    "step_over_matmul_only": ours.step_ms_median / matmul_ms,
+                    "non_matmul_share": (ours.step_ms_median - matmul_ms) / ours.step_ms_median,
                 },
                 "reference": figures.get(batch),
             }
         )
         hf_text = f", transformers {hf.tokens_per_s:.1f}" if hf else ""
-        print(f"batch {batch}: ours {ours.tokens_per_s:.1f} tok/s{hf_text}", file=sys.stderr)
+        lcp_text = f", llama.cpp {lcp.tokens_per_s:.1f}" if lcp else ""
+        print(f"batch {batch}: ours {ours.tokens_per_s:.1f} tok/s{hf_text}{lcp_text}", file=sys.stderr)
+    if llamacpp_command:
+        llamacpp_note = f"{LLAMACPP_METHOD}: {' '.join(llamacpp_command)}"
+    elif not llamacpp_found:
+        llamacpp_note = f"llama.cpp: not found at {args.llamacpp} (or {args.llamacpp_script}); ratios omitted"
+    else:
+        llamacpp_note = "llama.cpp skipped (--skip-llamacpp)"
     notes = [
         OURS_METHOD + (f"; best of {args.repeats} runs" if args.repeats > 1 else ""),
         HF_METHOD if hf_model is not None else "transformers skipped (--skip-hf)",
+        llamacpp_note,
     ]
     if ref_name:
         notes.append(f"ref: {ref_name} float32, 2 threads, prompt 128, 128 generated (measured earlier)")
     report = {
         "config": {
-            "model": "random-110m" if args.random_110m else str(model_dir),
+            "model": f"random-{args.shape}" if args.shape else str(model_dir),
             "parameters": engine.num_parameters,
             "dtype": args.dtype,
             "batch_sizes": args.batch_sizes,
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
             "threads": args.threads,
-            "compile": args.compile,
+            "enforce_eager": args.enforce_eager,
+            "llamacpp_gguf": GGUF_TYPES[args.dtype] if llamacpp_command else None,
             "weight_bytes_per_step": step_cost(config, element, 1, context).weight_bytes,
             "mean_context_tokens": context,
             "torch": torch.__version__,
@@ -648,8 +826,8 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-110m-") as tmp:
-        model_dir = build_random_110m(Path(tmp)) if args.random_110m else args.model
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        model_dir = build_random(Path(tmp), SHAPES[args.shape]) if args.shape else args.model
         report = benchmark(model_dir, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

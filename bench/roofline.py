@@ -1,9 +1,10 @@
 """The machine's roofline for one decode step: measured bandwidth and matmul rate, model bytes and FLOPs.
 
 A decode step must at least stream every weight once (plus each sequence's keys and values) and do
-2 FLOPs per weight per row. With the machine's measured memory bandwidth and matmul rate that gives
-a floor on the step time no engine can beat, so "ours / roofline" says how much is left to win.
-Everything is measured with torch on this machine, in the model's dtype, at the model's shapes.
+2 FLOPs per weight per row. With the machine's measured weight-streaming bandwidth and matmul rate
+that gives a floor on the step time no engine can beat, so "ours / roofline" says how much is left to
+win. Everything is measured with torch on this machine at the model's shapes: the matmul rate in the
+model's dtype, the bandwidth in float32 (see measure_read_bandwidth).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
@@ -31,10 +34,15 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 @dataclass(frozen=True)
 class Machine:
-    """What torch achieves here: GB/s reading and copying a buffer far larger than the caches, GFLOP/s."""
+    """What torch achieves here: GB/s streaming weights and copying a buffer past the caches, GFLOP/s."""
 
     read_gbs: float
+    """Weight streaming: float32 matrix-vector products over the model's shapes, far past the LLC."""
     copy_gbs: float
+    """A float32 copy counted as read + write: context only, a decode step's bytes are reads."""
+    streamed_bytes: int
+    llc_bytes: int | None
+    """The last-level cache, from sysfs (None where it is not exposed)."""
     matmul_gflops: float
     """FLOP-weighted rate of torch.mm at the model's weight shapes with many rows (compute-bound)."""
     matmul_gflops_by_shape: dict[str, float]
@@ -44,20 +52,69 @@ class Machine:
 
     @property
     def bandwidth_gbs(self) -> float:
-        """The best measured rate: a roofline is an optimistic bound."""
-        return max(self.read_gbs, self.copy_gbs)
+        """The roofline's bandwidth: the weight-streaming rate, the one a decode step can meet."""
+        return self.read_gbs
 
     def to_json(self) -> dict[str, object]:
         return {**asdict(self), "bandwidth_gbs": self.bandwidth_gbs}
 
 
-def measure_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> tuple[float, float]:
-    """(read GB/s of a float32 sum, copy GB/s counting read + write) over `num_bytes` buffers."""
-    src = torch.ones(num_bytes // 4)  # ones, not empty: the pages must really exist
+def last_level_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """Size of the highest-level data or unified cache cpu0 sees, from sysfs ("32768K", "36M")."""
+    best: tuple[int, int] | None = None
+    for index in cpu.glob("index*"):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+        num = int(size.rstrip("KMGkmg")) * scale
+        best = max(best or (level, num), (level, num))
+    return best and best[1]
+
+
+def stream_weights(shapes: list[tuple[int, int]], num_bytes: int) -> list[Tensor]:
+    """float32 matrices cycling through a step's `shapes` until they hold `num_bytes`: no reuse."""
+    weights: list[Tensor] = []
+    total = 0
+    while total < num_bytes:
+        for shape in shapes:
+            weights.append(torch.ones(shape))  # ones, not empty: the pages must really exist
+            total += weights[-1].nbytes
+    return weights
+
+
+def measure_read_bandwidth(
+    shapes: list[tuple[int, int]], llc_bytes: int | None, repeats: int = 5
+) -> tuple[float, int]:
+    """GB/s of one-row F.linear over float32 weights of the model's shapes, 512 MiB or 8x the LLC.
+
+    This is how a decode step reads its weights, so it is a ceiling the step can meet; a plain sum
+    over a large buffer runs ~20% faster here and overstates it. float32 whatever the model's dtype:
+    torch's bf16 matrix-vector kernel is compute-bound on CPUs (0.3 GB/s measured here), so in bf16
+    it would time the kernel, not the memory; the bytes per step still count the model's dtype.
+    """
+    weights = stream_weights(shapes, max(512 << 20, 8 * (llc_bytes or 0)))
+    xs = {w.shape[1]: torch.ones(1, w.shape[1]) for w in weights}
+
+    def stream() -> None:
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        seconds = _best_seconds(stream, repeats)
+    num_bytes = sum(w.nbytes for w in weights)
+    return num_bytes / seconds / 1e9, num_bytes
+
+
+def measure_copy_bandwidth(num_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Copy GB/s counting read + write over `num_bytes` float32 buffers."""
+    src = torch.ones(num_bytes // 4)
     dst = torch.zeros_like(src)
-    read = _best_seconds(src.sum, repeats)
-    copy = _best_seconds(lambda: dst.copy_(src), repeats)
-    return num_bytes / read / 1e9, 2 * num_bytes / copy / 1e9
+    return 2 * num_bytes / _best_seconds(lambda: dst.copy_(src), repeats) / 1e9
 
 
 def linear_weights(model: nn.Module) -> list[Tensor]:
@@ -90,9 +147,12 @@ def measure_matmul(
 
 
 def measure_machine(weights: list[Tensor], threads: int, rows: int = 512) -> Machine:
-    read, copy = measure_bandwidth()
+    llc = last_level_cache_bytes()
+    read, streamed = measure_read_bandwidth([(w.shape[0], w.shape[1]) for w in weights], llc)
+    copy = measure_copy_bandwidth()
     rate, by_shape = measure_matmul(weights, rows)
-    return Machine(read, copy, rate, by_shape, rows, str(weights[0].dtype).removeprefix("torch."), threads)
+    dtype = str(weights[0].dtype).removeprefix("torch.")
+    return Machine(read, copy, streamed, llc, rate, by_shape, rows, dtype, threads)
 
 
 def matmul_step_seconds(weights: list[Tensor], batch: int, repeats: int = 3) -> float:

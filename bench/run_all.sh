@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark behind the README's figures, in one sequential run (about 40 minutes on 2 cores).
+# Every benchmark behind the README's figures, in one sequential run (well over an hour on 2 cores).
 # Run it on an otherwise idle machine: each script compares against its anchors inside the same run,
 # but a busy neighbour still distorts the ratios. Outputs land in bench/results/.
 set -euo pipefail
@@ -9,11 +9,15 @@ OUT=bench/results
 mkdir -p "$OUT"
 run() { echo "== $*" >&2; "$@"; }
 
-# Engine alone: decode tokens/s vs transformers generate() and the machine's roofline.
-run $PY -m bench.engine --random-110m --batch-sizes 1,4,16,64 --threads 2 \
-  --json $OUT/engine-110m-float32.json | tee $OUT/engine-110m-float32.md
-run $PY -m bench.engine --random-110m --dtype bfloat16 --batch-sizes 32 --threads 2 --check-bf16 \
-  --json $OUT/engine-110m-bfloat16.json | tee $OUT/engine-110m-bfloat16.md
+# Engine alone: decode tokens/s vs transformers generate(), llama.cpp and the machine's roofline.
+for shape in 110m 135m-deep; do
+  run $PY -m bench.engine --shape $shape --batch-sizes 1,8,32 --threads 2 \
+    --json $OUT/engine-$shape-float32.json | tee $OUT/engine-$shape-float32.md
+  run $PY -m bench.engine --shape $shape --dtype bfloat16 --batch-sizes 1,8,32 --threads 2 --check-bf16 \
+    --json $OUT/engine-$shape-bfloat16.json | tee $OUT/engine-$shape-bfloat16.md
+  run $PY -m bench.engine --shape $shape --long-context --threads 2 \
+    --json $OUT/engine-$shape-long.json | tee $OUT/engine-$shape-long.md
+done
 run $PY -m bench.engine --model weights/default --batch-sizes 1,32 --threads 2 \
   --json $OUT/engine-default-float32.json | tee $OUT/engine-default-float32.md
 
