@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from model.attention import paged_decode_attention
 from model.config import ModelConfig
+from model.linear import ServingLinear
 
 
 @dataclass
@@ -244,25 +245,6 @@ class Block(nn.Module):
         return x + _dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
 
 
-class PackedLinear(nn.Module):
-    """A Linear whose weight oneDNN packed once, for bfloat16 inference on a CPU.
-
-    A plain bfloat16 Linear re-packs its weight on every call; packing once makes the decode step's
-    matmuls about 1.5x faster on an AMX CPU, with bit-identical results.
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias = linear.bias
-        self.out_features = linear.out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], self.out_features)  # explicit: a step may ask for 0 rows
-
-
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, dropout: float = 0.0) -> None:
         super().__init__()
@@ -292,25 +274,13 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
-    def pack_linears(self) -> bool:
-        """Serving only: pack every projection for oneDNN when that pays (bfloat16 on a CPU).
-
-        Returns whether it did; afterwards the model is for inference only (no state_dict round trip).
-        """
-        weight = self.embed_tokens.weight
-        if (
-            weight.device.type != "cpu"
-            or weight.dtype != torch.bfloat16
-            or not torch.backends.mkldnn.is_available()
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()  # oneDNN's bf16 needs AVX-512 or AMX
-        ):
-            return False
+    def use_serving_linears(self) -> None:
+        """Serving only: every projection and the LM head run `tinyserve::linear` (model/linear.py)."""
         for block in self.layers:
             attn, mlp = block.self_attn, block.mlp
-            attn.qkv_proj, attn.o_proj = PackedLinear(attn.qkv_proj), PackedLinear(attn.o_proj)
-            mlp.gate_up_proj, mlp.down_proj = PackedLinear(mlp.gate_up_proj), PackedLinear(mlp.down_proj)
-        self.lm_head = PackedLinear(self.lm_head)
-        return True
+            attn.qkv_proj, attn.o_proj = ServingLinear(attn.qkv_proj), ServingLinear(attn.o_proj)
+            mlp.gate_up_proj, mlp.down_proj = ServingLinear(mlp.gate_up_proj), ServingLinear(mlp.down_proj)
+        self.lm_head = ServingLinear(self.lm_head)
 
     def forward(
         self,

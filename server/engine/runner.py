@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from model.attention import load_cpu_kernel
+from model.kernels import load_cpu_kernels
 from model.transformer import AttentionGroup, CacheBatch, DecodeRows, KVCache, Transformer
 from server.engine.input_batch import InputBatch
 from server.engine.scheduler import ScheduledStep
@@ -51,7 +51,8 @@ class ModelRunner:
         self.device = device
         self.deterministic = deterministic
         self.dtype = model.embed_tokens.weight.dtype
-        self.kernel = device.type == "cpu" and load_cpu_kernel()
+        if device.type == "cpu" and load_cpu_kernels():
+            model.use_serving_linears()
         self.buckets = decode_buckets(max_num_seqs)
         self.fast_path = not (enforce_eager or deterministic)
         self.input_batch = InputBatch(
@@ -60,8 +61,6 @@ class ModelRunner:
         self._decode: Callable[..., Tensor] = self._decode_forward
         if self.fast_path:
             self._decode = self._compile(self._decode_forward)
-        else:
-            model.pack_linears()  # oneDNN-packed bf16 weights for eager; the compiler packs its own
 
     @property
     def path(self) -> str:
@@ -77,6 +76,10 @@ class ModelRunner:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 16 * len(self.buckets))
         if self.device.type == "cuda":
+            # The cache is written in place by every graph: static addresses let CUDA graphs keep it.
+            for layer in self.cache:
+                for tensor in layer:
+                    torch._dynamo.mark_static_address(tensor)
             return torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
         return torch.compile(fn, fullgraph=True, dynamic=False, options={"freezing": True})
 

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from model.attention import load_cpu_kernel, paged_decode_attention, reference_decode
+from model.attention import paged_decode_attention, reference_decode
+from model.kernels import load_cpu_kernels
 from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
 from tests.engine.engine_driver import Result, run, submit
@@ -110,7 +111,7 @@ def test_padding_rows_write_only_the_sink(make_engine: Callable[..., LLMEngine])
 def test_cpu_kernel_matches_the_reference(
     dtype: torch.dtype, heads: int, kv_heads: int, dim: int, block: int
 ) -> None:
-    if not load_cpu_kernel():
+    if not load_cpu_kernels():
         pytest.skip("no C++ compiler: the op runs its reference body")
     gen = torch.Generator().manual_seed(0)
     k_cache = torch.randn(400 * block, kv_heads, dim, generator=gen).to(dtype)
@@ -118,7 +119,10 @@ def test_cpu_kernel_matches_the_reference(
     lens = torch.tensor([1, 0, 17, 700, 1500, block], dtype=torch.int32)  # a padding row among them
     tables = torch.randint(1, 400, (6, 1500 // block + 1), generator=gen, dtype=torch.int32)
     q = torch.randn(6, heads, dim, generator=gen).to(dtype)
-    out = torch.ops.tinyserve_cpu.paged_decode(q, k_cache, v_cache, tables, lens, block, dim**-0.5)
+    none = torch.empty(0, kv_heads, dim, dtype=dtype)
+    out = paged_decode_attention(
+        q, none, none, k_cache, v_cache, torch.empty(0, dtype=torch.long), tables, lens, block, dim**-0.5
+    )
     ref = reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, block, dim**-0.5)
     live = lens > 0
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -137,7 +141,7 @@ def test_cpu_kernel_matches_the_reference(
     ],
 )
 def test_op_writes_the_new_keys_then_attends_to_them(device: str) -> None:
-    load_cpu_kernel()
+    load_cpu_kernels()
     k_cache = torch.zeros(64, 2, 8, device=device)
     v_cache = torch.zeros(64, 2, 8, device=device)
     q, k, v = (

@@ -16,7 +16,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 def reference(engine: LLMEngine, prompt: list[int], n: int) -> list[int]:
-    out = engine.model.generate(torch.tensor([prompt]), n)
+    out = engine.model.generate(torch.tensor([prompt], device=engine.device), n)
     return out[0, len(prompt) :].tolist()
 
 

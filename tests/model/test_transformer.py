@@ -14,11 +14,14 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.checkpoint import load_model
 from model.config import ModelConfig
+from model.kernels import load_cpu_kernels
+from model.linear import ServingLinear
 from model.transformer import AttentionGroup, CacheBatch, KVCache, Transformer
 from tests.model.model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
 
@@ -439,16 +442,31 @@ def test_logits_indices_select_rows() -> None:
     assert_close(picked, full[[9, 3]], 1e-4, "logits_indices")
 
 
-def test_packed_bfloat16_linears_give_identical_logits() -> None:
-    model = make_model("gqa").to(torch.bfloat16)
-    packed = copy.deepcopy(model)
-    if not packed.pack_linears():
-        pytest.skip("oneDNN is not available in this torch build")
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 40])  # 9 and 40: past the kernel, at::linear serves
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("out_features", "bias"), [(70, False), (64, True)])  # 70: not a multiple of 4
+def test_serving_linear_equals_f_linear(rows: int, dtype: torch.dtype, out_features: int, bias: bool) -> None:
+    load_cpu_kernels()  # without a compiler the op's plain body serves, and this still holds
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(48, out_features, bias=bias).to(dtype)
+    x = torch.randn(rows, 48, generator=gen).to(dtype)
+    with torch.no_grad():
+        b = None if linear.bias is None else linear.bias.float()
+        want = F.linear(x.float(), linear.weight.float(), b)
+        got = ServingLinear(linear)(x)
+    assert got.shape == (rows, out_features) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_serving_linears_keep_logits_and_a_zero_row_step() -> None:
+    model = make_model("gqa")
+    serving = copy.deepcopy(model)
+    load_cpu_kernels()
+    serving.use_serving_linears()
+    assert serving.lm_head.weight is serving.embed_tokens.weight or not model.config.tie_word_embeddings
     tokens = torch.randint(0, model.config.vocab_size, (2, 17))
     with torch.no_grad():
-        assert torch.equal(model(tokens), packed(tokens))
+        assert torch.allclose(model(tokens), serving(tokens), atol=1e-5, rtol=1e-5)
         # A serving step that only advances a prefill chunk asks for logits of no row at all.
-        assert packed(tokens, logits_indices=tokens[:0, 0]).shape == (0, 17, model.config.vocab_size)
-    assert not copy.deepcopy(model).float().pack_linears(), (
-        "float32 stays unpacked (packing pays only in bf16)"
-    )
+        assert serving(tokens, logits_indices=tokens[:0, 0]).shape == (0, 17, model.config.vocab_size)

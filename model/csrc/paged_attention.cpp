@@ -138,26 +138,26 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
-                        double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be a contiguous [rows, heads, head_dim] tensor");
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                                  double scale) {
+  TORCH_CHECK(q.dim() == 3, "q must be [rows, heads, head_dim]");
   TORCH_CHECK(k_cache.stride(2) == 1 && v_cache.strides() == k_cache.strides(), "cache layout mismatch");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
               "block_tables and seq_lens must be int32");
-  at::Tensor tables = block_tables.contiguous(), lens = seq_lens.contiguous();
-  at::Tensor out = at::empty_like(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode<scalar_t>(q, k_cache, v_cache, tables, lens, block_size, scale, out);
+  k_cache.index_copy_(0, slot_mapping, k);
+  v_cache.index_copy_(0, slot_mapping, v);
+  at::Tensor query = q.contiguous(), tables = block_tables.contiguous(), lens = seq_lens.contiguous();
+  at::Tensor out = at::empty_like(query);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    decode<scalar_t>(query, k_cache, v_cache, tables, lens, block_size, scale, out);
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(tinyserve_cpu, m) {
-  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-        "int block_size, float scale) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(tinyserve_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
+// The op's schema is defined in model/attention.py; this is its CPU implementation, called by the
+// dispatcher with no Python in between (a compiled decode step calls it once per layer).
+TORCH_LIBRARY_IMPL(tinyserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
