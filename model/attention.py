@@ -73,37 +73,13 @@ def _reference_body(
 
 
 @torch.library.register_fake("tinyserve::paged_decode_attention")
-def _(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slot_mapping: Tensor,
-    block_tables: Tensor,
-    seq_lens: Tensor,
-    block_size: int,
-    scale: float,
-) -> Tensor:
+def _(q: Tensor, *args: object) -> Tensor:
     return torch.empty_like(q)
 
 
-def paged_decode_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slot_mapping: Tensor,
-    block_tables: Tensor,
-    seq_lens: Tensor,
-    block_size: int,
-    scale: float,
-) -> Tensor:
-    """Write k/v [rows, kv_heads, dim] to `slot_mapping`, then attend q [rows, heads, dim] over the cache.
+paged_decode_attention = torch.ops.tinyserve.paged_decode_attention
+"""(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, block_size, scale) -> out.
 
-    `block_tables` [rows, width] and `seq_lens` [rows] are int32; a row of length 0 is padding.
-    """
-    return torch.ops.tinyserve.paged_decode_attention(
-        q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, block_size, scale
-    )
+Writes k/v [rows, kv_heads, dim] to `slot_mapping`, then attends q [rows, heads, dim] over the cache.
+`block_tables` [rows, width] and `seq_lens` [rows] are int32; a row of length 0 is padding.
+"""
