@@ -11,6 +11,11 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -18,6 +23,20 @@
 namespace {
 
 constexpr int64_t kMaxRows = 8;
+
+#ifdef __AVX2__
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 inline float widen(float x) { return x; }
 inline float widen(c10::BFloat16 x) {
@@ -27,41 +46,52 @@ inline float widen(c10::BFloat16 x) {
   return out;
 }
 
+// Dot products of one input row with four weight rows.
+template <typename T>
+inline void dot4(const float* x, const T* w0, const T* w1, const T* w2, const T* w3, int64_t k, float* out) {
+  int64_t d = 0;
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#ifdef __AVX2__
+  // Explicit AVX2: eight independent accumulators (two per weight row) hide the FMA latency.
+  __m256 s[8];
+  for (auto& v : s) v = _mm256_setzero_ps();
+  for (; d + 16 <= k; d += 16) {
+    const __m256 xa = _mm256_loadu_ps(x + d), xb = _mm256_loadu_ps(x + d + 8);
+    s[0] = _mm256_fmadd_ps(xa, load8(w0 + d), s[0]);
+    s[1] = _mm256_fmadd_ps(xb, load8(w0 + d + 8), s[1]);
+    s[2] = _mm256_fmadd_ps(xa, load8(w1 + d), s[2]);
+    s[3] = _mm256_fmadd_ps(xb, load8(w1 + d + 8), s[3]);
+    s[4] = _mm256_fmadd_ps(xa, load8(w2 + d), s[4]);
+    s[5] = _mm256_fmadd_ps(xb, load8(w2 + d + 8), s[5]);
+    s[6] = _mm256_fmadd_ps(xa, load8(w3 + d), s[6]);
+    s[7] = _mm256_fmadd_ps(xb, load8(w3 + d + 8), s[7]);
+  }
+  a0 = hsum(_mm256_add_ps(s[0], s[1]));
+  a1 = hsum(_mm256_add_ps(s[2], s[3]));
+  a2 = hsum(_mm256_add_ps(s[4], s[5]));
+  a3 = hsum(_mm256_add_ps(s[6], s[7]));
+#endif
+  for (; d < k; ++d) {
+    a0 += x[d] * widen(w0[d]);
+    a1 += x[d] * widen(w1[d]);
+    a2 += x[d] * widen(w2[d]);
+    a3 += x[d] * widen(w3[d]);
+  }
+  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
 template <typename T>
 void gemv_rows(const float* x, const T* w, float* y, int64_t rows, int64_t n_out, int64_t k) {
   at::parallel_for(0, (n_out + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+    float acc[4];
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = q * 4;
-      if (n + 4 <= n_out) {
-        const T* w0 = w + n * k;
-        const T* w1 = w0 + k;
-        const T* w2 = w1 + k;
-        const T* w3 = w2 + k;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* xr = x + r * k;
-          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-          for (int64_t d = 0; d < k; ++d) {
-            const float xv = xr[d];
-            a0 += xv * widen(w0[d]);
-            a1 += xv * widen(w1[d]);
-            a2 += xv * widen(w2[d]);
-            a3 += xv * widen(w3[d]);
-          }
-          float* yr = y + r * n_out + n;
-          yr[0] = a0, yr[1] = a1, yr[2] = a2, yr[3] = a3;
-        }
-      } else {
-        for (int64_t j = n; j < n_out; ++j) {
-          const T* wj = w + j * k;
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* xr = x + r * k;
-            float a = 0.f;
-#pragma omp simd reduction(+ : a)
-            for (int64_t d = 0; d < k; ++d) a += xr[d] * widen(wj[d]);
-            y[r * n_out + j] = a;
-          }
-        }
+      const int64_t n = q * 4, valid = std::min<int64_t>(4, n_out - n);
+      // A last group of fewer than four rows repeats its last row; only the valid outputs are kept.
+      const T* rw[4];
+      for (int64_t j = 0; j < 4; ++j) rw[j] = w + (n + std::min(j, valid - 1)) * k;
+      for (int64_t r = 0; r < rows; ++r) {
+        dot4(x + r * k, rw[0], rw[1], rw[2], rw[3], k, acc);
+        for (int64_t j = 0; j < valid; ++j) y[r * n_out + n + j] = acc[j];
       }
     }
   });
