@@ -24,13 +24,13 @@ def test_every_flag_maps_onto_engine_config() -> None:
         "--model", "m", "--device", "cuda:1", "--dtype", "bfloat16", "--max-model-len", "256",
         "--kv-cache-tokens", "4096", "--kv-cache-memory", "2G", "--block-size", "32", "--max-num-seqs", "8",
         "--max-waiting", "3", "--prefill-chunk-tokens", "64", "--no-prefix-caching", "--deterministic",
-        "--compile", "--threads", "2", "--seed", "7",
+        "--enforce-eager", "--threads", "2", "--seed", "7",
     ]  # fmt: skip
     config = parse_settings(argv, env={}).engine_config()
     assert config == EngineConfig(
         model=Path("m"), device="cuda:1", dtype="bfloat16", max_model_len=256, kv_cache_tokens=4096,
         kv_cache_memory=2 << 30, block_size=32, max_num_seqs=8, max_waiting=3, prefill_chunk_tokens=64,
-        enable_prefix_caching=False, deterministic=True, compile=True, num_threads=2, seed=7,
+        enable_prefix_caching=False, deterministic=True, enforce_eager=True, num_threads=2, seed=7,
     )  # fmt: skip
 
 
