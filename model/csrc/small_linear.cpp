@@ -24,6 +24,14 @@ namespace {
 
 constexpr int64_t kMaxRows = 8;
 
+// Whether this CPU has bfloat16 arithmetic (the kernel is built with -march=native). Without it, torch's
+// bfloat16 matrix products are many times slower than float32 ones, so larger batches widen the weight.
+#if defined(__AVX512BF16__) || defined(__AMX_BF16__)
+constexpr bool kNativeBf16 = true;
+#else
+constexpr bool kNativeBf16 = false;
+#endif
+
 #ifdef __AVX2__
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
@@ -102,7 +110,13 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   const int64_t rows = k ? x.numel() / k : 0;
   const bool supported = (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16) &&
                          weight.is_contiguous() && weight.dim() == 2;
-  if (rows > kMaxRows || !supported) return at::linear(x, weight, bias);
+  if (rows > kMaxRows || !supported) {
+    if (!kNativeBf16 && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16) {
+      const c10::optional<at::Tensor> b = bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
+      return at::linear(x.to(at::kFloat), weight.to(at::kFloat), b).to(at::kBFloat16);
+    }
+    return at::linear(x, weight, bias);
+  }
   at::Tensor xf = x.reshape({rows, k}).to(at::kFloat).contiguous();
   at::Tensor y = at::empty({rows, n_out}, x.options().dtype(at::kFloat));
   if (rows > 0) {

@@ -81,7 +81,10 @@ class ModelRunner:
                 for tensor in layer:
                     torch._dynamo.mark_static_address(tensor)
             return torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        return torch.compile(fn, fullgraph=True, dynamic=False, options={"freezing": True})
+        # No freezing: the projections and attention are our own ops, so inductor has no weights to
+        # prepack, and freezing would bypass its on-disk cache (start-up measured 18 s vs 11 s warm).
+        # Static shapes: one graph per bucket measured faster than one dynamic graph (17 vs 25 ms/step).
+        return torch.compile(fn, fullgraph=True, dynamic=False)
 
     def warm_up(self, progress: Callable[[str], None]) -> None:
         """Compile (or load from the on-disk cache) every decode bucket, on padding rows only."""
