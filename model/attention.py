@@ -30,11 +30,14 @@ def reference_decode(
     width = block_tables.shape[1] * block_size
     pos = torch.arange(width, device=q.device)
     slots = block_tables.long()[:, pos // block_size] * block_size + pos % block_size
+    # A padded row (length 0) sees its first slot only, so its output stays finite; nobody reads it.
+    visible = (pos[None, :] < seq_lens[:, None]) | (pos[None, :] == 0)
+    # Hidden positions read the null block's zeros, not stale slots: a masked score still multiplies
+    # its value, and 0 * NaN is NaN.
+    slots = torch.where(visible, slots, 0)
     kv_heads = k_cache.shape[1]
     keys = k_cache[slots].transpose(1, 2)  # [rows, kv_heads, width, dim]
     values = v_cache[slots].transpose(1, 2)
-    # A padded row (length 0) sees its first slot only, so its output stays finite; nobody reads it.
-    visible = (pos[None, :] < seq_lens[:, None]) | (pos[None, :] == 0)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],
         keys,

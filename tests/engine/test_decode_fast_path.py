@@ -157,3 +157,22 @@ def test_op_writes_the_new_keys_then_attends_to_them(device: str) -> None:
     assert torch.equal(k_cache[48], k[0]) and torch.equal(v_cache[48], v[0])
     # One visible token: each query head's output is that token's value (its kv head's).
     assert torch.allclose(out[0], v[0].repeat_interleave(2, dim=0), atol=1e-6)
+
+
+def test_reference_body_ignores_garbage_past_each_rows_length() -> None:
+    """The body CUDA runs: NaN in the unwritten rest of a row's last block must not reach its output."""
+    gen = torch.Generator().manual_seed(3)
+    block, kv_heads, dim = 4, 2, 8
+    clean_k, clean_v = (
+        torch.randn(40, kv_heads, dim, generator=gen),
+        torch.randn(40, kv_heads, dim, generator=gen),
+    )
+    clean_k[:block], clean_v[:block] = 0, 0  # the null block
+    lens = torch.tensor([6, 0], dtype=torch.int32)  # row 0: block 2 full, block 5 half; row 1: padding
+    tables = torch.tensor([[2, 5, 0], [0, 0, 0]], dtype=torch.int32)
+    dirty_k, dirty_v = clean_k.clone(), clean_v.clone()
+    dirty_k[22:24], dirty_v[22:24] = float("nan"), float("nan")  # block 5, positions 6 and 7: unwritten
+    q = torch.randn(2, 4, dim, generator=gen)
+    want = reference_decode(q, clean_k, clean_v, tables, lens, block, dim**-0.5)
+    got = reference_decode(q, dirty_k, dirty_v, tables, lens, block, dim**-0.5)
+    assert torch.isfinite(got).all() and torch.equal(got[0], want[0])

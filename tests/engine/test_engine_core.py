@@ -222,7 +222,7 @@ def test_logprobs_are_the_models_distribution(make_engine: Callable[..., LLMEngi
     context = list(prompt)
     for delta in r.deltas:
         (entry,) = delta.logprobs or []
-        logits = engine.model(torch.tensor([context]))[0, -1].float()
+        logits = engine.model(torch.tensor([context], device=engine.device))[0, -1].float()
         expected = torch.log_softmax(logits, -1)
         assert entry.logprob == pytest.approx(expected[entry.token_id].item(), abs=1e-4)
         assert [t.token_id for t in entry.top] == expected.topk(5).indices.tolist()
