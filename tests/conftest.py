@@ -71,12 +71,20 @@ def long_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
 def start_server(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., RunningServer]]:
-    """Start the real server (`python -m server` on 127.0.0.1) with extra flags; all stopped at the end."""
+    """Start the real server (`python -m server` on 127.0.0.1) with extra flags; all stopped at the end.
+
+    Eager unless `compiled=True`: compiling the decode buckets costs each server seconds at start-up,
+    so the suite runs the default (compiled) path where it is the subject (the shared API server, the
+    fast-path tests) and the many special-flag servers eagerly, to keep `make test` short.
+    """
     started: list[RunningServer] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, model: Path | None = None) -> RunningServer:
+    def start(
+        *args: str, env: dict[str, str] | None = None, model: Path | None = None, compiled: bool = False
+    ) -> RunningServer:
         log_path = tmp_path_factory.mktemp("server") / "server.log"
-        server = launch(model or tiny_checkpoint, log_path, *args, env=env)
+        flags = args if compiled or "--enforce-eager" in args else (*args, "--enforce-eager")
+        server = launch(model or tiny_checkpoint, log_path, *flags, env=env)
         started.append(server)
         return server
 

@@ -16,7 +16,7 @@ from bench.harness import RunningServer
 
 @pytest.fixture(scope="session")
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
-    return start_server()
+    return start_server(compiled=True)  # the default path: compiled decode buckets
 
 
 @pytest.fixture

@@ -14,7 +14,13 @@ from server.engine.core import LLMEngine
 @pytest.fixture
 def make_engine(tiny_checkpoint: Path) -> Callable[..., LLMEngine]:
     def make(**overrides: object) -> LLMEngine:
-        settings: dict[str, object] = {"model": tiny_checkpoint, "kv_cache_tokens": 4096}
+        # Eager unless asked (`enforce_eager=False`): the fast-path tests compile; the rest test the
+        # engine's logic, which is the same on both paths, without paying for compilation each time.
+        settings: dict[str, object] = {
+            "model": tiny_checkpoint,
+            "kv_cache_tokens": 4096,
+            "enforce_eager": True,
+        }
         settings.update(overrides)
         return LLMEngine(EngineConfig(**settings))  # type: ignore[arg-type]
 

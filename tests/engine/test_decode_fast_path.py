@@ -57,7 +57,7 @@ def test_compiled_decode_equals_eager_in_float32(
         "kv_cache_tokens": kv_cache_tokens,
         "max_model_len": 128,
     }
-    compiled = make_engine(**flags)
+    compiled = make_engine(enforce_eager=False, **flags)
     assert compiled.runner.fast_path and compiled.runner.buckets == [1, 2, 4, 8]
     eager = make_engine(enforce_eager=True, **flags)
     fast, slow = summary(traffic(compiled, seed=1)), summary(traffic(eager, seed=1))
@@ -69,7 +69,7 @@ def test_compiled_decode_equals_eager_in_float32(
 
 def test_compiled_decode_greedy_tokens_equal_eager_in_bfloat16(make_engine: Callable[..., LLMEngine]) -> None:
     flags = {"dtype": "bfloat16", "max_num_seqs": 4}
-    compiled, eager = make_engine(**flags), make_engine(enforce_eager=True, **flags)
+    compiled, eager = make_engine(enforce_eager=False, **flags), make_engine(enforce_eager=True, **flags)
     prompts = [compiled.tokenizer.encode(t) for t in ("def main():\n", "import os\n", "class A:\n", "x = [")]
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     a = run(compiled, [submit(compiled, p, params) for p in prompts])
@@ -78,14 +78,14 @@ def test_compiled_decode_greedy_tokens_equal_eager_in_bfloat16(make_engine: Call
 
 
 def test_steady_state_traffic_never_recompiles(make_engine: Callable[..., LLMEngine]) -> None:
-    engine = make_engine(max_num_seqs=BUCKETS_UP_TO)  # warm-up compiled every bucket
+    engine = make_engine(enforce_eager=False, max_num_seqs=BUCKETS_UP_TO)  # warm-up compiled every bucket
     with torch.compiler.set_stance("fail_on_recompile"):
         results = traffic(engine, seed=2)
     assert all(r.finished is not None for r in results)
 
 
 def test_padding_rows_write_only_the_sink(make_engine: Callable[..., LLMEngine]) -> None:
-    engine = make_engine(dtype="float32", max_num_seqs=4)
+    engine = make_engine(enforce_eager=False, dtype="float32", max_num_seqs=4)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     results = [submit(engine, engine.tokenizer.encode(f"row {i} " * (i + 1)), params) for i in range(3)]
     while any(s.num_output_tokens == 0 for r in results for s in r.request.sequences):

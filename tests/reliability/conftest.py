@@ -17,4 +17,4 @@ from bench.harness import RunningServer
 @pytest.fixture(scope="session")
 def rel_server(start_server: Callable[..., RunningServer]) -> RunningServer:
     """Default flags (as `make serve` runs), shared by the tests that do not need their own."""
-    return start_server()
+    return start_server(compiled=True)  # the default path: compiled decode buckets
