@@ -91,7 +91,9 @@ class Settings:
     port: int = field(default=8000, metadata=flag("TCP port (0 picks a free one)", type=port_number))
     api_key: str | None = field(
         default=None,
-        metadata=flag("require 'Authorization: Bearer KEY' on every route but /health", secret=True),
+        metadata=flag(
+            "require 'Authorization: Bearer KEY' on every route but /health and /ready", secret=True
+        ),
     )
     cors_origins: tuple[str, ...] = field(
         default=(),

@@ -12,7 +12,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
 
-OPEN_PATHS = frozenset({"/health", "/"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+"""The probes stay open: a kubelet's or load balancer's health check cannot carry a secret."""
 OPEN_PREFIXES = ("/static/",)
 
 

@@ -36,13 +36,14 @@ def test_routes_need_the_key(locked: RunningServer) -> None:
             {"Authorization": f"Bearer {KEY}x"},
         ):
             _is_401(client.post("/v1/completions", json=body, headers=headers))
-        for path in ("/v1/models", "/ready", "/stats", "/docs"):
+        for path in ("/v1/models", "/stats", "/docs"):
             _is_401(client.get(path))
         _is_401(client.post("/v1/completions", content=b"x" * (20 << 20)))  # refused before the body is read
         good = {"Authorization": f"Bearer {KEY}"}
         assert client.post("/v1/completions", json=body, headers=good).status_code == 200
         assert client.get("/v1/models", headers=good).status_code == 200
-        assert client.get("/health").status_code == 200  # liveness stays open
+        assert client.get("/health").status_code == 200  # liveness and readiness stay open (probes)
+        assert client.get("/ready").json()["status"] == "ready"
         assert client.get("/metrics").status_code != 401  # open by --metrics-without-auth
 
 

@@ -33,8 +33,8 @@ from tests.support import sse_events
 ROOT = Path(__file__).resolve().parents[2]
 CANARY_KEY = "sk-canary-key-9f8e7d6c5b4a"
 CANARY_PROMPT = "canary-prompt-3a1f5c7e9b"
-OPEN_ROUTES = {"/health", "/", "/static/{name}"}
-"""Served without the key: liveness, and the chat page's static files (the page asks for the key)."""
+OPEN_ROUTES = {"/health", "/ready", "/", "/static/{name}"}
+"""Served without the key: the probes, and the chat page's static files (the page asks for the key)."""
 SERVING_PATH = [
     "server",
     "model/checkpoint.py",
