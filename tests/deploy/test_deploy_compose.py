@@ -80,8 +80,9 @@ def test_discovery_names_the_service_and_its_port(compose: dict[str, Any]) -> No
 def test_dockerfile_installs_cpu_torch_first_and_ships_the_weights() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
-    torch = re.search(r"^RUN pip install torch==2\.13\.0 --index-url https://download\.pytorch\.org/whl/cpu$",
-                      text, re.MULTILINE)  # fmt: skip
+    # The CPU index unless the build says otherwise (the CUDA image of deploy/k8s/overlays/gpu).
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.MULTILINE)
+    torch = re.search(r'^RUN pip install torch==2\.13\.0 --index-url "\$TORCH_INDEX"$', text, re.MULTILINE)
     package = re.search(r"^RUN pip install \. ", text, re.MULTILINE)
     assert torch and package and torch.start() < package.start()
     assert "COPY weights/default/" in text and "TINYSERVE_HOST=0.0.0.0" in text
