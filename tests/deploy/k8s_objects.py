@@ -1,0 +1,54 @@
+"""The rendered manifests of deploy/k8s, read as the cluster would read them (for the k8s tests)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from tests.deploy.deploy_tools import K8S, render
+
+APP = K8S  # `kubectl apply -k deploy/k8s`: the CPU overlay
+OVERLAYS = {
+    "default": APP,
+    "cpu": K8S / "overlays" / "cpu",
+    "gpu": K8S / "overlays" / "gpu",
+    "weights-pvc": K8S / "overlays" / "weights-pvc",
+}
+"""Every way of deploying the server; each must stand on its own."""
+MONITORING = {"monitoring": K8S / "monitoring", "operator": K8S / "monitoring" / "operator"}
+
+Obj = dict[str, Any]
+
+
+@functools.cache
+def rendered(kustomization: Path) -> tuple[Obj, ...]:
+    return tuple(render(kustomization))
+
+
+def one(objects: tuple[Obj, ...], kind: str, name: str | None = None) -> Obj:
+    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+    assert len(found) == 1, f"{len(found)} {kind} objects named {name or 'anything'}"
+    return found[0]
+
+
+def server_container(objects: tuple[Obj, ...]) -> Obj:
+    (container,) = one(objects, "Deployment", "tinyserve")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def server_env(objects: tuple[Obj, ...]) -> dict[str, str]:
+    """The container's environment: its ConfigMap's variables, then its own literal `env` entries."""
+    container = server_container(objects)
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def prestop_sleep_seconds(container: Obj) -> float:
+    """The preStop hook's `sleep N` (the pod stays an endpoint that long before SIGTERM)."""
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return float(command[1])
