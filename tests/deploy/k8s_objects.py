@@ -52,3 +52,13 @@ def prestop_sleep_seconds(container: Obj) -> float:
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep" and len(command) == 2, command
     return float(command[1])
+
+
+MACHINE_SPECIFIC = ("TINYSERVE_HOST", "TINYSERVE_PORT", "TINYSERVE_MODEL", "TINYSERVE_SERVED_MODEL_NAME")
+
+
+def loopback_env(objects: tuple[Obj, ...]) -> dict[str, str]:
+    """The container's TINYSERVE_* flags for a server the tests start on loopback: all but where it
+    listens and what it loads, which are the test's (the pod's paths do not exist here)."""
+    env = server_env(objects)
+    return {k: v for k, v in env.items() if k.startswith("TINYSERVE_") and k not in MACHINE_SPECIFIC}
