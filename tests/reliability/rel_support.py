@@ -11,11 +11,16 @@ import asyncio
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import httpx
+
+from bench.harness import RunningServer
 
 HOST = "127.0.0.1"
 
@@ -164,6 +169,73 @@ def stream_text(events: list[Any], chat: bool = False) -> dict[int, str]:
             piece = (choice.get("delta") or {}).get("content", "") if chat else choice.get("text", "")
             texts[choice["index"]] = texts.get(choice["index"], "") + (piece or "")
     return texts
+
+
+# Shutdown under load: streams in flight when SIGTERM comes (test_rel_shutdown, tests/deploy).
+
+
+def start_streams(
+    server: RunningServer, tokens: int, results: list[Any], count: int, timeout: float
+) -> threading.Thread:
+    """`count` streams of `tokens` tokens each (completions and chat, alternately), read to the end in a
+    background thread; each result is (index, response or None if the connection was cut,
+    time.monotonic() once the response had been read to its end)."""
+    port = port_of(server.url)
+
+    async def all_streams() -> None:
+        async def one(i: int) -> None:
+            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+            body: dict[str, Any] = {
+                "model": server.model,
+                "max_tokens": tokens,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            if i % 2:
+                body["messages"] = [{"role": "user", "content": f"drain {i}"}]
+            else:
+                body["prompt"] = f"drain {i}"
+            r: RawResponse | None
+            try:
+                r = await request(port, "POST", path, json_body(body), timeout=timeout)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                r = None  # the connection was cut
+            results.append((i, r, time.monotonic()))
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+
+    thread = threading.Thread(target=lambda: asyncio.run(all_streams()), daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for_load(server: RunningServer, count: int) -> None:
+    deadline = time.monotonic() + 60
+    with server.client() as client:
+        while time.monotonic() < deadline:
+            s = client.get("/stats").json()
+            if s["running"] + s["waiting"] >= count and s["running"] >= 1:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the streams never started")
+
+
+def wait_until_not_ready(url: str) -> None:
+    """The signal is handled on the event loop: /ready turns 503 soon after it, not at once."""
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/ready", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline, "/ready never turned 503 after SIGTERM"
+        time.sleep(0.01)
+
+
+def completed(r: RawResponse | None) -> bool:
+    """A stream that ended cleanly: [DONE] last and no error event."""
+    return (
+        r is not None
+        and bool(r.events)
+        and r.events[-1] == "[DONE]"
+        and not any(isinstance(e, dict) and "error" in e for e in r.events)
+    )
 
 
 async def _heavy_load(port: int, model: str, seconds: float, big_prompt_clients: int, streams: int) -> None:

@@ -10,9 +10,7 @@ fraction of the grace period (and of the streams' length), not an absolute speed
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,13 @@ from typing import Any
 import httpx
 
 from bench.harness import RunningServer
-from tests.reliability.rel_support import RawResponse, json_body, port_of, request, stream_text
+from tests.reliability.rel_support import (
+    completed,
+    start_streams,
+    stream_text,
+    wait_for_load,
+    wait_until_not_ready,
+)
 
 STREAMS = 4
 DRAIN_TOKENS = 1000
@@ -33,67 +37,6 @@ CUT_TOKENS = 8000
 CUT_GRACE_S = 600.0
 
 
-def start_streams(server: RunningServer, tokens: int, results: list[Any]) -> threading.Thread:
-    """STREAMS streams read to the end in a background thread; each result is (index, response or
-    None if the connection was cut, time.monotonic() once the response had been read to its end)."""
-    port = port_of(server.url)
-
-    async def all_streams() -> None:
-        async def one(i: int) -> None:
-            path = "/v1/chat/completions" if i % 2 else "/v1/completions"
-            body: dict[str, Any] = {
-                "model": server.model,
-                "max_tokens": tokens,
-                "ignore_eos": True,
-                "stream": True,
-            }
-            if i % 2:
-                body["messages"] = [{"role": "user", "content": f"drain {i}"}]
-            else:
-                body["prompt"] = f"drain {i}"
-            r: RawResponse | None
-            try:
-                r = await request(port, "POST", path, json_body(body), timeout=CUT_GRACE_S)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                r = None  # the connection was cut
-            results.append((i, r, time.monotonic()))
-
-        await asyncio.gather(*(one(i) for i in range(STREAMS)))
-
-    thread = threading.Thread(target=lambda: asyncio.run(all_streams()), daemon=True)
-    thread.start()
-    return thread
-
-
-def wait_for_load(server: RunningServer, count: int) -> None:
-    deadline = time.monotonic() + 60
-    with server.client() as client:
-        while time.monotonic() < deadline:
-            s = client.get("/stats").json()
-            if s["running"] + s["waiting"] >= count and s["running"] >= 1:
-                return
-            time.sleep(0.02)
-    raise AssertionError("the streams never started")
-
-
-def wait_until_not_ready(url: str) -> None:
-    """The signal is handled on the event loop: /ready turns 503 soon after it, not at once."""
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{url}/ready", timeout=10).status_code != 503:
-        assert time.monotonic() < deadline, "/ready never turned 503 after SIGTERM"
-        time.sleep(0.01)
-
-
-def completed(r: RawResponse | None) -> bool:
-    """A stream that ended cleanly: [DONE] last and no error event."""
-    return (
-        r is not None
-        and bool(r.events)
-        and r.events[-1] == "[DONE]"
-        and not any(isinstance(e, dict) and "error" in e for e in r.events)
-    )
-
-
 def test_sigterm_refuses_new_work_at_once_and_lets_streams_finish(
     start_server: Callable[..., RunningServer], long_checkpoint: Path
 ) -> None:
@@ -101,7 +44,7 @@ def test_sigterm_refuses_new_work_at_once_and_lets_streams_finish(
         "--max-num-seqs", "2", "--shutdown-grace-seconds", str(DRAIN_GRACE_S), model=long_checkpoint
     )
     results: list[Any] = []
-    thread = start_streams(server, DRAIN_TOKENS, results)
+    thread = start_streams(server, DRAIN_TOKENS, results, STREAMS, CUT_GRACE_S)
     wait_for_load(server, STREAMS)
     sigterm_at = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
@@ -150,7 +93,7 @@ def test_second_sigterm_exits_at_once(
         "--max-num-seqs", "1", "--shutdown-grace-seconds", str(CUT_GRACE_S), model=long_checkpoint
     )
     results: list[Any] = []
-    thread = start_streams(server, CUT_TOKENS, results)
+    thread = start_streams(server, CUT_TOKENS, results, STREAMS, CUT_GRACE_S)
     wait_for_load(server, STREAMS)
     server.proc.send_signal(signal.SIGTERM)
     wait_until_not_ready(server.url)
