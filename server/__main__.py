@@ -65,7 +65,7 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _run(settings: Settings, sock: socket.socket, engine: Any) -> int:
+def _run(settings: Settings, sockets: list[socket.socket], engine: Any) -> int:
     import uvicorn
     from sse_starlette.sse import AppStatus
 
@@ -121,9 +121,10 @@ def _run(settings: Settings, sock: socket.socket, engine: Any) -> int:
             await super().startup(sockets)
             if self.started:
                 log.info(
-                    "serving %s (%s parameters, %s, %s, KV cache %d tokens, %s) at %s",
+                    "serving %s (%s parameters, %s, %s, KV cache %d tokens, %s) at %s%s",
                     app.state.server.model_name, _human(engine.num_parameters), engine.dtype, engine.device,
-                    engine.kv_capacity_tokens, engine.decode_path, _url(sock),
+                    engine.kv_capacity_tokens, engine.decode_path, _url(sockets[0]),
+                    "".join(f"; /metrics at {_url(s)}/metrics" for s in sockets[1:]),
                 )  # fmt: skip
 
     app = create_app(settings, engine)
@@ -136,7 +137,7 @@ def _run(settings: Settings, sock: socket.socket, engine: Any) -> int:
         timeout_graceful_shutdown=UVICORN_SHUTDOWN_SECONDS,
     )
     server = Server(config)
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)
     if server.forced:
         with contextlib.suppress(Exception):
             engine.shutdown()
@@ -147,11 +148,20 @@ def _run(settings: Settings, sock: socket.socket, engine: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
-    try:
-        sock = bind_socket(settings.host, settings.port)
-    except OSError as exc:
-        print(f"error: cannot bind {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+    if settings.metrics_port == settings.port:
+        print(f"error: --metrics-port {settings.metrics_port} is the API's --port", file=sys.stderr)
         return 1
+    sockets: list[socket.socket] = []
+    for port in (settings.port, settings.metrics_port):
+        if port is None:
+            continue
+        try:
+            sockets.append(bind_socket(settings.host, port))
+        except OSError as exc:
+            print(f"error: cannot bind {settings.host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+            for sock in sockets:
+                sock.close()
+            return 1
     try:
         from server.engine.async_engine import AsyncEngine
 
@@ -163,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     log.debug("settings: %s", settings.public())
-    return _run(settings, sock, engine)
+    return _run(settings, sockets, engine)
 
 
 if __name__ == "__main__":

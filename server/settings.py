@@ -51,6 +51,13 @@ def port_number(text: str) -> int:
     return value
 
 
+def listen_port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be in [1, 65535], got {text}")
+    return value
+
+
 def byte_size(text: str) -> int:
     """`1073741824`, `512M`, `1G` or `1GiB` (powers of 1024) as a byte count."""
     match = _SIZE.match(text)
@@ -100,6 +107,12 @@ class Settings:
         metadata=flag("comma-separated origins allowed by CORS, or '*' (default: none)", type=origins),
     )
     metrics_without_auth: bool = field(default=False, metadata=flag("serve /metrics without the API key"))
+    metrics_port: int | None = field(
+        default=None,
+        metadata=flag(
+            "also serve /metrics, alone and without the API key, on this port of --host", type=listen_port
+        ),
+    )
     shutdown_grace_seconds: float = field(
         default=30.0,
         metadata=flag(

@@ -21,6 +21,7 @@ from server.api import errors
 from server.api.auth import APIKeyMiddleware
 from server.api.errors import APIError
 from server.api.limits import BodyLimitMiddleware
+from server.api.metrics_port import MetricsPortMiddleware
 from server.api.openai import router
 from server.api.telemetry import TelemetryMiddleware
 from server.api.telemetry import router as telemetry_router
@@ -119,6 +120,9 @@ def create_app(settings: Settings, engine: Any) -> FastAPI:
                 max_age=600,
             )
         )
+    if settings.metrics_port is not None:  # before the key: the metrics port needs none
+        gate = Middleware(MetricsPortMiddleware, port=settings.metrics_port, metrics=state.metrics)
+        middleware.append(gate)
     if settings.api_key:
         middleware.append(
             Middleware(
