@@ -54,11 +54,17 @@ def prestop_sleep_seconds(container: Obj) -> float:
     return float(command[1])
 
 
-MACHINE_SPECIFIC = ("TINYSERVE_HOST", "TINYSERVE_PORT", "TINYSERVE_MODEL", "TINYSERVE_SERVED_MODEL_NAME")
+MACHINE_SPECIFIC = ("HOST", "PORT", "METRICS_PORT", "MODEL", "SERVED_MODEL_NAME")
 
 
 def loopback_env(objects: tuple[Obj, ...]) -> dict[str, str]:
     """The container's TINYSERVE_* flags for a server the tests start on loopback: all but where it
     listens and what it loads, which are the test's (the pod's paths do not exist here)."""
     env = server_env(objects)
-    return {k: v for k, v in env.items() if k.startswith("TINYSERVE_") and k not in MACHINE_SPECIFIC}
+    mine = {f"TINYSERVE_{name}" for name in MACHINE_SPECIFIC}
+    return {k: v for k, v in env.items() if k.startswith("TINYSERVE_") and k not in mine}
+
+
+def container_port(container: Obj, name: str) -> int:
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
+    return port

@@ -7,8 +7,9 @@ the adapter's template filled in for "every pod of the namespace", returns the w
 Kubernetes service discovery is swapped for static targets that carry the labels it would attach
 (`__meta_kubernetes_namespace`, `__meta_kubernetes_pod_name`, the pod's prometheus.io annotations), so
 the job's own relabelling makes the `namespace` and `pod` labels the adapter maps to resources. The
-servers run with the pod's TINYSERVE_* flags (rendered from deploy/k8s) and an API key, as from the
-Secret: Prometheus scrapes them without it, as in the cluster.
+servers run with the pod's TINYSERVE_* flags (rendered from deploy/k8s), an API key as from the Secret,
+and each its own --metrics-port (the pod's, moved to a free loopback port), which Prometheus scrapes
+without the key, as in the cluster.
 
 One pod is loaded past its batch (--max-num-seqs 1, four streams of thousands of tokens each), so its
 queue holds requests for as long as the test looks, on any machine; the other is idle.
@@ -38,30 +39,35 @@ STREAM_TOKENS = LONG_CONTEXT - 64
 MONITORING = K8S / "monitoring"
 
 
-def pod_target(
-    server: RunningServer, pod: str, namespace: str, annotations: dict[str, str]
-) -> dict[str, Any]:
+def pod_target(port: int, pod: str, namespace: str, annotations: dict[str, str]) -> dict[str, Any]:
     """A static target labelled as Kubernetes' pod discovery labels a pod (before relabelling)."""
-    port = server.url.rsplit(":", 1)[1]
     meta = {
         "__meta_kubernetes_namespace": namespace,
         "__meta_kubernetes_pod_name": pod,
         "__meta_kubernetes_pod_phase": "Running",
-        # The pod's own annotations, but the port: each stand-in pod listens on its own loopback port.
+        # The pod's own annotations, but the port: each stand-in pod has its own metrics port here.
         **{
             f"__meta_kubernetes_pod_annotation_{re.sub(r'[^a-z0-9]', '_', k)}": v
             for k, v in annotations.items()
         },
-        "__meta_kubernetes_pod_annotation_prometheus_io_port": port,
+        "__meta_kubernetes_pod_annotation_prometheus_io_port": str(port),
     }
     return {"targets": [f"127.0.0.1:{port}"], "labels": meta}
 
 
 @pytest.fixture(scope="module")
-def pods(start_server: Callable[..., RunningServer], long_checkpoint: Any) -> dict[str, RunningServer]:
+def pods(
+    start_server: Callable[..., RunningServer], long_checkpoint: Any
+) -> dict[str, tuple[RunningServer, int]]:
+    """Each stand-in pod: its server and its metrics port (the pod's TINYSERVE_METRICS_PORT, moved)."""
     env = loopback_env(rendered(OVERLAYS["default"]))
     flags = ("--api-key", KEY, "--max-num-seqs", "1", "--threads", "1")  # loopback-sized
-    return {pod: start_server(*flags, env=env, model=long_checkpoint) for pod in PODS}
+    out = {}
+    for pod in PODS:
+        metrics_port = free_port()
+        server = start_server(*flags, "--metrics-port", str(metrics_port), env=env, model=long_checkpoint)
+        out[pod] = (server, metrics_port)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,7 @@ def namespace() -> str:
 
 @pytest.fixture(scope="module")
 def prometheus(
-    pods: dict[str, RunningServer], namespace: str, tmp_path_factory: pytest.TempPathFactory
+    pods: dict[str, tuple[RunningServer, int]], namespace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     binary = require("prometheus")
     deployment = one(rendered(OVERLAYS["default"]), "Deployment", "tinyserve")
@@ -79,7 +85,7 @@ def prometheus(
     (job,) = yaml.safe_load((MONITORING / "prometheus-scrape.yaml").read_text())["scrape_configs"]
     (sd,) = job.pop("kubernetes_sd_configs")
     assert sd["role"] == "pod" and sd["namespaces"]["names"] == [namespace]
-    job["static_configs"] = [pod_target(s, pod, namespace, annotations) for pod, s in pods.items()]
+    job["static_configs"] = [pod_target(port, pod, namespace, annotations) for pod, (_, port) in pods.items()]
     job["scrape_interval"] = "1s"  # so that the test need not wait
     work = tmp_path_factory.mktemp("prometheus_k8s")
     config = work / "prometheus.yml"
@@ -159,13 +165,14 @@ def waiting_now(server: RunningServer) -> int:
 
 
 def test_adapter_rule_serves_the_waiting_requests_of_each_pod(
-    prometheus: str, pods: dict[str, RunningServer], namespace: str
+    prometheus: str, pods: dict[str, tuple[RunningServer, int]], namespace: str
 ) -> None:
     config = yaml.safe_load((MONITORING / "prometheus-adapter.yaml").read_text())
     (rule,) = config["rules"]
     overrides = rule["resources"]["overrides"]
     assert overrides == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     busy, idle = PODS
+    server = pods[busy][0]
 
     def both_up() -> list[dict[str, Any]] | None:
         targets = [t for t in prom(prometheus, "targets")["activeTargets"] if t["health"] == "up"]
@@ -173,10 +180,11 @@ def test_adapter_rule_serves_the_waiting_requests_of_each_pod(
 
     for target in wait_for(both_up, 30, "both pods' targets to be up"):
         assert target["labels"]["job"] == "tinyserve" and target["labels"]["namespace"] == namespace
-        assert target["labels"]["pod"] in PODS and target["scrapeUrl"].endswith("/metrics")
+        pod = target["labels"]["pod"]
+        assert target["scrapeUrl"] == f"http://127.0.0.1:{pods[pod][1]}/metrics"  # the metrics port, no key
 
-    with Load(pods[busy]):
-        wait_for(lambda: waiting_now(pods[busy]) >= 1 or None, 60, "requests to queue on the busy pod")
+    with Load(server):
+        wait_for(lambda: waiting_now(server) >= 1 or None, 60, "requests to queue on the busy pod")
 
         # Discovery, as the adapter does it: the seriesQuery, then the name rule.
         def discovered() -> list[dict[str, str]] | None:
@@ -210,7 +218,7 @@ def test_adapter_rule_serves_the_waiting_requests_of_each_pod(
             return values if set(values) == set(PODS) and values[busy] >= 1 else None
 
         values = wait_for(per_pod, 30, f"{query} to report the busy pod's queue")
-        assert waiting_now(pods[busy]) >= 1  # still queued: the value is the queue, not a leftover
+        assert waiting_now(server) >= 1  # still queued: the value is the queue, not a leftover
     assert values[idle] == 0, values
     assert values[busy] <= STREAMS - 1, values
     print(f"\n{query}\n  -> {values}")

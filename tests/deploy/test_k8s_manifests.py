@@ -28,6 +28,7 @@ from tests.deploy.k8s_objects import (
     MONITORING,
     OVERLAYS,
     Obj,
+    container_port,
     one,
     prestop_sleep_seconds,
     rendered,
@@ -110,8 +111,9 @@ def test_probes_ask_the_routes_that_mean_started_ready_and_alive(name: str) -> N
     objects = rendered(OVERLAYS[name])
     settings = settings_of(objects)
     container = server_container(objects)
-    (port,) = container["ports"]
-    assert port["name"] == "http" and port["containerPort"] == settings.port and settings.host == "0.0.0.0"
+    assert container_port(container, "http") == settings.port and settings.host == "0.0.0.0"
+    assert container_port(container, "metrics") == settings.metrics_port
+    assert len(container["ports"]) == 2
     routes = {"startupProbe": "/health", "readinessProbe": "/ready", "livenessProbe": "/health"}
     for probe, path in routes.items():
         get = container[probe]["httpGet"]
@@ -190,8 +192,11 @@ def test_rollout_disruptions_service_and_network_policy_agree(name: str) -> None
     policy = one(objects, "NetworkPolicy")["spec"]
     assert selects_the_pods(policy["podSelector"]["matchLabels"], objects)
     assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]  # the API port, and no other
+    api, metrics = policy["ingress"]
+    assert api == {"ports": [{"port": "http", "protocol": "TCP"}]}  # from anywhere: the key guards it
+    assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    (monitoring,) = metrics["from"]
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
 
 
 def adapter_rules() -> list[Obj]:
@@ -284,8 +289,9 @@ def test_monitoring_objects_are_the_repositorys_files_and_find_the_pods() -> Non
     container = server_container(app)
     notes = one(app, "Deployment", "tinyserve")["spec"]["template"]["metadata"]["annotations"]
     assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/path"] == "/metrics"
-    assert int(notes["prometheus.io/port"]) == container["ports"][0]["containerPort"]
-    assert settings_of(app).metrics_without_auth  # Prometheus holds no API key
+    # Prometheus holds no API key: it scrapes the metrics port, which needs none.
+    assert int(notes["prometheus.io/port"]) == container_port(container, "metrics")
+    assert not settings_of(app).metrics_without_auth  # on the API port /metrics stays behind the key
     namespace = one(app, "Namespace")["metadata"]["name"]
     (job,) = yaml.safe_load((K8S / "monitoring" / "prometheus-scrape.yaml").read_text())["scrape_configs"]
     assert job["kubernetes_sd_configs"][0]["namespaces"]["names"] == [namespace]
@@ -293,7 +299,7 @@ def test_monitoring_objects_are_the_repositorys_files_and_find_the_pods() -> Non
     assert podmonitor["namespaceSelector"]["matchNames"] == [namespace]
     assert selects_the_pods(podmonitor["selector"]["matchLabels"], app)
     (endpoint,) = podmonitor["podMetricsEndpoints"]
-    assert endpoint["port"] == container["ports"][0]["name"] and endpoint["path"] == "/metrics"
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
 
 
 def test_the_configmap_and_the_image_agree_on_the_weights() -> None:
