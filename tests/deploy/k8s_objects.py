@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tests.deploy.deploy_tools import K8S, render
 
@@ -17,6 +20,7 @@ OVERLAYS = {
 }
 """Every way of deploying the server; each must stand on its own."""
 MONITORING = {"monitoring": K8S / "monitoring", "operator": K8S / "monitoring" / "operator"}
+ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter.yaml"
 
 Obj = dict[str, Any]
 
@@ -68,3 +72,18 @@ def loopback_env(objects: tuple[Obj, ...]) -> dict[str, str]:
 def container_port(container: Obj, name: str) -> int:
     (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == name]
     return port
+
+
+def adapter_rules() -> list[Obj]:
+    return yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+
+
+def adapter_metric_names(series: list[str]) -> set[str]:
+    """The custom metric names the adapter serves for these series (its `name.matches` / `name.as`)."""
+    names = set()
+    for rule in adapter_rules():
+        pattern, template = re.compile(rule["name"]["matches"]), rule["name"]["as"]
+        for s in series:
+            if match := pattern.search(s):
+                names.add(re.sub(r"\$\{(\d+)\}", lambda m, match=match: match.group(int(m[1])), template))
+    return names

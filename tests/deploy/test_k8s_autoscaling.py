@@ -29,7 +29,14 @@ import yaml
 from bench.harness import RunningServer, free_port
 from tests.conftest import LONG_CONTEXT
 from tests.deploy.deploy_tools import K8S, alive, process, require, wait_for
-from tests.deploy.k8s_objects import OVERLAYS, loopback_env, one, rendered
+from tests.deploy.k8s_objects import (
+    OVERLAYS,
+    adapter_metric_names,
+    adapter_rules,
+    loopback_env,
+    one,
+    rendered,
+)
 
 KEY = "sk-k8s-autoscaling-test"
 PODS = ("tinyserve-5d8f7c9b4-busy", "tinyserve-5d8f7c9b4-idle")
@@ -115,7 +122,7 @@ def prom(url: str, path: str, **params: Any) -> Any:
 
 def fill(template: str, series: str, matchers: dict[str, str], group_by: list[str]) -> str:
     """The adapter's Go template (<< >> delimiters) filled as it fills it for a per-pod request."""
-    label_matchers = ",".join(f'{k}{op}"{v}"' for k, (op, v) in _matchers(matchers).items())
+    label_matchers = ",".join(f'{k}{"=~" if "|" in v else "="}"{v}"' for k, v in matchers.items())
     query = (
         template.replace("<<.Series>>", series)
         .replace("<<.LabelMatchers>>", label_matchers)
@@ -125,12 +132,9 @@ def fill(template: str, series: str, matchers: dict[str, str], group_by: list[st
     return query
 
 
-def _matchers(matchers: dict[str, str]) -> dict[str, tuple[str, str]]:
-    return {k: ("=~" if "|" in v else "=", v) for k, v in matchers.items()}
-
-
 class Load:
-    """STREAMS long streams to one server, read in threads until stop() closes them (aborting them)."""
+    """STREAMS long streams to one server, read in threads until the `with` block ends and closes them
+    (the server aborts them)."""
 
     def __init__(self, server: RunningServer) -> None:
         self.server, self.stopping, self.threads = server, threading.Event(), []
@@ -167,8 +171,7 @@ def waiting_now(server: RunningServer) -> int:
 def test_adapter_rule_serves_the_waiting_requests_of_each_pod(
     prometheus: str, pods: dict[str, tuple[RunningServer, int]], namespace: str
 ) -> None:
-    config = yaml.safe_load((MONITORING / "prometheus-adapter.yaml").read_text())
-    (rule,) = config["rules"]
+    (rule,) = adapter_rules()
     overrides = rule["resources"]["overrides"]
     assert overrides == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     busy, idle = PODS
@@ -197,11 +200,7 @@ def test_adapter_rule_serves_the_waiting_requests_of_each_pod(
             )
 
         series = wait_for(discovered, 30, "the rule's seriesQuery to find both pods' gauges")
-        names = {s["__name__"] for s in series}
-        served = {
-            re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), n) for n in names
-        }
-        assert "tinyserve_num_requests_waiting" in served
+        assert "tinyserve_num_requests_waiting" in adapter_metric_names([s["__name__"] for s in series])
 
         # What the adapter asks Prometheus when the HPA asks for the metric of every pod in the namespace.
         query = fill(

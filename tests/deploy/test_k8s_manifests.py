@@ -28,6 +28,7 @@ from tests.deploy.k8s_objects import (
     MONITORING,
     OVERLAYS,
     Obj,
+    adapter_metric_names,
     container_port,
     one,
     prestop_sleep_seconds,
@@ -197,21 +198,6 @@ def test_rollout_disruptions_service_and_network_policy_agree(name: str) -> None
     assert metrics["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     (monitoring,) = metrics["from"]
     assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-
-
-def adapter_rules() -> list[Obj]:
-    return yaml.safe_load((K8S / "monitoring" / "prometheus-adapter.yaml").read_text())["rules"]
-
-
-def adapter_metric_names(series: list[str]) -> set[str]:
-    """The custom metric names the adapter serves for these series (its `name.matches` / `name.as`)."""
-    names = set()
-    for rule in adapter_rules():
-        pattern, template = re.compile(rule["name"]["matches"]), rule["name"]["as"]
-        for s in series:
-            if match := pattern.search(s):
-                names.add(re.sub(r"\$\{(\d+)\}", lambda m, match=match: match.group(int(m[1])), template))
-    return names
 
 
 def test_hpa_asks_for_metrics_the_adapter_serves_from_the_servers_gauges() -> None:
