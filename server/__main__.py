@@ -121,9 +121,9 @@ def _run(settings: Settings, sock: socket.socket, engine: Any) -> int:
             await super().startup(sockets)
             if self.started:
                 log.info(
-                    "serving %s (%s parameters, %s, %s, KV cache %d tokens, %s) at %s",
-                    app.state.server.model_name, _human(engine.num_parameters), engine.dtype, engine.device,
-                    engine.kv_capacity_tokens, engine.decode_path, _url(sock),
+                    "serving %s (%s parameters, %s, %s, %s, KV cache %d tokens, %s) at %s",
+                    app.state.server.model_name, _human(engine.num_parameters), engine.dtype, engine.weights,
+                    engine.device, engine.kv_capacity_tokens, engine.decode_path, _url(sock),
                 )  # fmt: skip
 
     app = create_app(settings, engine)

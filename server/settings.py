@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.quantization import QUANTIZATIONS
 from server.engine.config import EngineConfig
 
 ENV_PREFIX = "TINYSERVE_"
@@ -118,6 +119,12 @@ class Settings:
         default=_engine_default("dtype"),
         metadata=flag("compute dtype (default: the checkpoint's)", choices=DTYPE_CHOICES),
     )
+    quantization: str | None = field(
+        default=_engine_default("quantization"),
+        metadata=flag(
+            "weight-only quantization: int8 halves bfloat16's bytes per step (CPU)", choices=QUANTIZATIONS
+        ),
+    )
     max_model_len: int | None = field(
         default=_engine_default("max_model_len"),
         metadata=flag("context length served (default: the model's)", type=positive_int),
@@ -179,6 +186,7 @@ class Settings:
             model=self.model,
             device=self.device,
             dtype=self.dtype,
+            quantization=self.quantization,
             max_model_len=self.max_model_len,
             kv_cache_tokens=self.kv_cache_tokens,
             kv_cache_memory=self.kv_cache_memory,

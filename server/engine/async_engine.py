@@ -82,6 +82,7 @@ class AsyncEngine:
         self.kv_capacity_tokens = self.core.kv_capacity_tokens
         self.num_parameters = self.core.num_parameters
         self.dtype = str(self.core.dtype).removeprefix("torch.")
+        self.weights = self.core.weights
         self.device = str(self.core.device)
         self.decode_path = self.core.runner.path
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

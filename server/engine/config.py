@@ -13,6 +13,8 @@ class EngineConfig:
     """torch device; "auto" is CUDA when present, else the CPU."""
     dtype: str | None = None
     """float32, bfloat16 or float16; None keeps the checkpoint's own dtype."""
+    quantization: str | None = None
+    """"int8": weight-only int8 rows (model/quantization.py), activations in `dtype`; None: as stored."""
     max_model_len: int | None = None
     """Context length served; None is the model's max_position_embeddings."""
     kv_cache_tokens: int | None = None
