@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from torch import Tensor
 from model.checkpoint import CheckpointError, load_model
 from model.config import DTYPES
 from model.data import DEFAULT_EXTENSIONS, DataError, Document, eval_windows, read_corpus, token_stream
+from model.kernels import load_cpu_kernels
+from model.quantization import QUANTIZATIONS, check_quantization
 from model.tokenizer import Tokenizer, TokenizerError
 from model.transformer import Transformer
 
@@ -101,6 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="also evaluate with the weights quantized this way, reported beside the unquantized model",
+    )
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model, dtype=torch.float32, device=args.device)
@@ -114,7 +122,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(
             f"--seq-len must be in 1..{max_len} (the model's max_position_embeddings), got {seq_len}"
         )
-    metrics = evaluate(model, tokenizer, docs, seq_len, args.batch_size, args.device, DTYPES[args.dtype])
+    run = functools.partial(
+        evaluate, tokenizer=tokenizer, docs=docs, seq_len=seq_len, batch_size=args.batch_size,
+        device=args.device, dtype=DTYPES[args.dtype],
+    )  # fmt: skip
+    metrics = run(model)
+    if args.quantization:
+        try:
+            check_quantization(args.quantization, torch.device(args.device))
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        load_cpu_kernels()
+        unquantized = metrics
+        model.quantize_int8()
+        metrics = {**run(model), "quantization": args.quantization, "unquantized": unquantized}
     print(json.dumps(metrics))
     return metrics
 
