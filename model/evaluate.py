@@ -20,8 +20,9 @@ from torch import Tensor
 from model.checkpoint import CheckpointError, load_model
 from model.config import DTYPES
 from model.data import DEFAULT_EXTENSIONS, DataError, Document, eval_windows, read_corpus, token_stream
+from model.dtypes import QUANTIZATIONS
 from model.kernels import load_cpu_kernels
-from model.quantization import QUANTIZATIONS, check_quantization
+from model.quantization import check_quantization
 from model.tokenizer import Tokenizer, TokenizerError
 from model.transformer import Transformer
 

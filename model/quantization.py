@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-QUANTIZATIONS = ("int8",)
-"""The values `--quantization` accepts (besides none)."""
+from model.dtypes import QUANTIZATIONS
 
 torch.library.define(
     "tinyserve::linear_int8", "(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor"
