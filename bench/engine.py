@@ -47,6 +47,7 @@ from bench.roofline import (
 )
 from model.checkpoint import load_config, load_model, save_model
 from model.config import ModelConfig
+from model.dtypes import QUANTIZATIONS
 from model.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from model.transformer import Transformer
 from server.engine.config import EngineConfig
@@ -94,6 +95,11 @@ REFERENCE: dict[str, dict[str, Any]] = {
 
 
 # -- the model under test ----------------------------------------------------------------------
+
+
+def gguf_type_for(args: argparse.Namespace) -> str:
+    """llama.cpp's anchor for our run: q8_0 (its int8, a scale per 32 weights) beside our int8."""
+    return "q8_0" if args.quantization == "int8" else GGUF_TYPES[args.dtype]
 
 
 def pad_tokenizer(directory: Path, vocab_size: int) -> None:
@@ -197,6 +203,7 @@ def make_engine(model_dir: Path, args: argparse.Namespace, max_batch: int) -> LL
         EngineConfig(
             model=model_dir,
             dtype=args.dtype,
+            quantization=args.quantization,
             kv_cache_tokens=kv_tokens,
             block_size=block,
             max_num_seqs=max_batch,  # also the largest compiled decode bucket
@@ -354,7 +361,7 @@ def parse_batched_bench(text: str) -> dict[int, LlamaCppResult]:
 
 def run_llamacpp(model_dir: Path, args: argparse.Namespace) -> tuple[dict[int, LlamaCppResult], list[str]]:
     """Convert the checkpoint to GGUF in a temp dir, run llama-batched-bench on it once for every B."""
-    gguf_type = GGUF_TYPES[args.dtype]
+    gguf_type = gguf_type_for(args)
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         gguf = Path(tmp) / f"model-{gguf_type}.gguf"
         convert = [
@@ -594,7 +601,8 @@ def print_table(report: dict[str, Any]) -> None:
     cfg, machine = report["config"], report["machine"]
     llc = "unknown" if machine["llc_bytes"] is None else f"{machine['llc_bytes'] / 2**20:.0f} MiB"
     print(
-        f"\n## Decode throughput: {cfg['model']} ({cfg['parameters'] / 1e6:.1f}M params, {cfg['dtype']}), "
+        f"\n## Decode throughput: {cfg['model']} ({cfg['parameters'] / 1e6:.1f}M params, {cfg['dtype']}"
+        f"{', ' + cfg['quantization'] + ' weights' if cfg.get('quantization') else ''}), "
         f"prompt {cfg['prompt_tokens']}, {cfg['new_tokens']} new tokens, {cfg['threads']} threads\n"
     )
     print(
@@ -676,6 +684,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--random-110m", dest="shape", action="store_const", const="110m", help="--shape 110m"
     )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="our engine with quantized weights (activations in --dtype); llama.cpp runs q8_0",
+    )
     p.add_argument("--batch-sizes", default="1,4,16,64")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -745,6 +758,7 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         return {"config": vars(args) | {"model": str(model_dir)}, "profile": profiles}
     weights = linear_weights(load_model(model_dir, dtype=args.dtype))  # the engine may have packed its own
     element = weights[0].element_size()
+    weight_element = 1 if args.quantization == "int8" else None
     machine: Machine = measure_machine(weights, args.threads)
     hf_model = None if args.skip_hf else load_hf(model_dir, args.dtype)
     ref_name, figures = reference_for(config, args.dtype)
@@ -760,7 +774,7 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         ours = max(runs, key=lambda r: r.tokens_per_s)
         hf = None if hf_model is None else run_hf(hf_model, prompts, args.new_tokens, args.repeats)
         lcp = llamacpp.get(batch)
-        roof = roofline(step_cost(config, element, batch, context), machine, batch)
+        roof = roofline(step_cost(config, element, batch, context, weight_element), machine, batch)
         matmul_ms = matmul_step_seconds(weights, batch) * 1e3
         results.append(
             {
@@ -807,8 +821,9 @@ def benchmark(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             "new_tokens": args.new_tokens,
             "threads": args.threads,
             "enforce_eager": args.enforce_eager,
-            "llamacpp_gguf": GGUF_TYPES[args.dtype] if llamacpp_command else None,
-            "weight_bytes_per_step": step_cost(config, element, 1, context).weight_bytes,
+            "llamacpp_gguf": gguf_type_for(args) if llamacpp_command else None,
+            "quantization": args.quantization,
+            "weight_bytes_per_step": step_cost(config, element, 1, context, weight_element).weight_bytes,
             "mean_context_tokens": context,
             "torch": torch.__version__,
             "transformers": None if hf_model is None else sys.modules["transformers"].__version__,

@@ -176,8 +176,17 @@ class StepCost:
     flops: float
 
 
-def step_cost(config: ModelConfig, element_size: int, batch: int, context: float) -> StepCost:
-    """Weights (every linear layer, lm_head and the norms) read once; each row reads its cache."""
+def step_cost(
+    config: ModelConfig,
+    element_size: int,
+    batch: int,
+    context: float,
+    weight_element_size: float | None = None,
+) -> StepCost:
+    """Weights (every linear layer, lm_head and the norms) read once; each row reads its cache.
+
+    `weight_element_size` is the linear weights' bytes each where they are stored otherwise than the
+    activations (1 for int8; default: `element_size`)."""
     h, d, layers = config.hidden_size, config.head_dim, config.num_hidden_layers
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
@@ -186,7 +195,7 @@ def step_cost(config: ModelConfig, element_size: int, batch: int, context: float
     kv_per_token = 2 * layers * kv * element_size
     attention_flops = layers * 4 * q * context  # q.k and p.v over the context, per row
     return StepCost(
-        weight_bytes=(linear + norms) * element_size,
+        weight_bytes=linear * (weight_element_size or element_size) + norms * element_size,
         kv_bytes=batch * (context + 1) * kv_per_token,  # read the context, write the new token
         flops=batch * (2.0 * linear + attention_flops),
     )

@@ -13,16 +13,14 @@ from typing import Any
 
 import torch
 
+from model.dtypes import DTYPE_NAMES
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a model we can run; the message names the problem."""
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 REQUIRED_KEYS = (
     "vocab_size",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -18,7 +19,18 @@ from torch import Tensor
 
 from model.checkpoint import CheckpointError, load_model
 from model.config import DTYPES
-from model.data import DEFAULT_EXTENSIONS, DataError, Document, eval_windows, read_corpus, token_stream
+from model.data import (
+    DEFAULT_EXTENSIONS,
+    DataError,
+    Document,
+    eval_windows,
+    read_corpus,
+    split_documents,
+    token_stream,
+)
+from model.dtypes import QUANTIZATIONS
+from model.kernels import load_cpu_kernels
+from model.quantization import check_quantization
 from model.tokenizer import Tokenizer, TokenizerError
 from model.transformer import Transformer
 
@@ -95,17 +107,34 @@ def default_device() -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory")
-    parser.add_argument("--data", action="append", required=True, help="file, directory or glob (repeatable)")
+    parser.add_argument(
+        "--data", action="append", help="file, directory or glob (repeatable); default: the stdlib source"
+    )
+    parser.add_argument(
+        "--held-out",
+        type=float,
+        metavar="FRACTION",
+        help="evaluate only what a training run with this --val-fraction held out (e.g. 0.05)",
+    )
     parser.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS), help="for directories")
     parser.add_argument("--seq-len", type=int, default=None, help="default: min(512, max positions)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype")
+    parser.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="also evaluate with the weights quantized this way, reported beside the unquantized model",
+    )
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model, dtype=torch.float32, device=args.device)
         tokenizer = Tokenizer.load(args.model)
         docs = read_corpus(args.data, tuple(args.extensions.split(",")))
+        if args.held_out is not None:
+            if not 0 < args.held_out < 1:
+                parser.error(f"--held-out must be in (0, 1), got {args.held_out}")
+            docs = split_documents(docs, args.held_out)[1]
     except (CheckpointError, TokenizerError, DataError) as exc:
         raise SystemExit(f"error: {exc}") from None
     max_len = model.config.max_position_embeddings
@@ -114,7 +143,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(
             f"--seq-len must be in 1..{max_len} (the model's max_position_embeddings), got {seq_len}"
         )
-    metrics = evaluate(model, tokenizer, docs, seq_len, args.batch_size, args.device, DTYPES[args.dtype])
+    run = functools.partial(
+        evaluate, tokenizer=tokenizer, docs=docs, seq_len=seq_len, batch_size=args.batch_size,
+        device=args.device, dtype=DTYPES[args.dtype],
+    )  # fmt: skip
+    metrics = run(model)
+    if args.quantization:
+        try:
+            check_quantization(args.quantization, torch.device(args.device))
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        load_cpu_kernels()
+        unquantized = metrics
+        model.quantize_int8()
+        metrics = {**run(model), "quantization": args.quantization, "unquantized": unquantized}
     print(json.dumps(metrics))
     return metrics
 

@@ -1,9 +1,10 @@
 """Our CPU kernels: C++ in `model/csrc/`, built at first use for the machine that runs them.
 
-They serve two ops of our own (`tinyserve::paged_decode_attention` in `model/attention.py`,
-`tinyserve::linear` in `model/linear.py`). Each op has a plain PyTorch body for every device; the
-kernels register the CPU implementation, which the dispatcher then prefers. Where they cannot be
-built (no C++ compiler), the plain bodies serve, with the same results, more slowly.
+They serve three ops of our own (`tinyserve::paged_decode_attention` in `model/attention.py`,
+`tinyserve::linear` in `model/linear.py`, `tinyserve::linear_int8` in `model/quantization.py`).
+Each op has a plain PyTorch body for every device; the kernels register the CPU implementation,
+which the dispatcher then prefers. Where they cannot be built (no C++ compiler), the plain bodies
+serve, with the same results, more slowly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def load_cpu_kernels() -> bool:
     """
     import model.attention  # noqa: F401 - the ops' schemas, before their CPU kernels register
     import model.linear  # noqa: F401
+    import model.quantization  # noqa: F401
 
     with _lock:
         if not _loaded:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from model.attention import paged_decode_attention
 from model.config import ModelConfig
 from model.linear import ServingLinear
+from model.quantization import Int8Embedding, Int8Linear
 
 
 @dataclass
@@ -274,13 +275,41 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
-    def use_serving_linears(self) -> None:
-        """Serving only: every projection and the LM head run `tinyserve::linear` (model/linear.py)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (weights may be stored otherwise, e.g. int8)."""
+        return self.norm.weight.dtype
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as stored (tied tensors once), quantized ones included."""
+        weights = [*self.parameters(), *(b for n, b in self.named_buffers() if not n.startswith("rope_"))]
+        return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights}.values())
+
+    def _projections(self) -> list[tuple[nn.Module, str]]:
+        """Every linear layer as (owner, attribute): the layers' projections, then the LM head."""
+        slots: list[tuple[nn.Module, str]] = []
         for block in self.layers:
-            attn, mlp = block.self_attn, block.mlp
-            attn.qkv_proj, attn.o_proj = ServingLinear(attn.qkv_proj), ServingLinear(attn.o_proj)
-            mlp.gate_up_proj, mlp.down_proj = ServingLinear(mlp.gate_up_proj), ServingLinear(mlp.down_proj)
-        self.lm_head = ServingLinear(self.lm_head)
+            slots += [(block.self_attn, "qkv_proj"), (block.self_attn, "o_proj")]
+            slots += [(block.mlp, "gate_up_proj"), (block.mlp, "down_proj")]
+        return [*slots, (self, "lm_head")]
+
+    def use_serving_linears(self) -> None:
+        """Serving only: every float projection and the LM head run `tinyserve::linear` (model/linear.py)."""
+        for owner, name in self._projections():
+            layer = getattr(owner, name)
+            if isinstance(layer, nn.Linear):
+                setattr(owner, name, ServingLinear(layer))
+
+    def quantize_int8(self) -> None:
+        """Serving only: every linear layer's weight becomes int8 rows with a scale each.
+
+        A tied embedding reads its rows from the quantized LM head, so one int8 copy serves both.
+        """
+        tied = self.config.tie_word_embeddings
+        for owner, name in self._projections():
+            setattr(owner, name, Int8Linear.from_linear(getattr(owner, name)))
+        if tied:
+            self.embed_tokens = Int8Embedding(self.lm_head, self.dtype)
 
     def forward(
         self,
@@ -297,9 +326,8 @@ class Transformer(nn.Module):
         """
         if positions is None:
             positions = torch.arange(tokens.shape[-1], device=tokens.device)
-        dtype = self.embed_tokens.weight.dtype
-        cos = self.rope_cos[positions].unsqueeze(-2).to(dtype)
-        sin = self.rope_sin[positions].unsqueeze(-2).to(dtype)
+        cos = self.rope_cos[positions].unsqueeze(-2).to(self.dtype)
+        sin = self.rope_sin[positions].unsqueeze(-2).to(self.dtype)
         x = _dropout(self.embed_tokens(tokens), self.dropout, self.training)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache[i], batch)

@@ -1,8 +1,9 @@
 """Every server flag, its environment variable and its default, in one place.
 
 Each flag `--some-flag` can also be set as `TINYSERVE_SOME_FLAG`; a flag on the command line wins.
-Engine defaults are read from `EngineConfig` so they are declared once. This module imports
-neither torch nor the engine, so `python -m server --help` answers at once.
+The HTTP knobs are declared here; the engine's are `EngineConfig`'s fields (name, default, help),
+turned into flags by `_with_engine_flags`, so each is declared once. This module imports neither
+torch nor the engine's code, so `python -m server --help` answers at once.
 """
 
 from __future__ import annotations
@@ -16,18 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.dtypes import DTYPE_NAMES, QUANTIZATIONS
 from server.engine.config import EngineConfig
 
 ENV_PREFIX = "TINYSERVE_"
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-
-
-def _engine_default(name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(EngineConfig) if f.name == name)
 
 
 def positive_int(text: str) -> int:
@@ -86,14 +83,59 @@ def flag(
 
 
 @dataclass(frozen=True)
-class Settings:
-    """The parsed command line: engine knobs (mapped onto EngineConfig) and HTTP knobs."""
+class EngineFlag:
+    """How an EngineConfig field shows on the command line where its name and type do not say it."""
 
-    model: Path = field(metadata=flag("checkpoint directory (config.json, model.safetensors, tokenizer)"))
+    name: str | None = None
+    """The flag's name, if not the field's."""
+    negated: bool = False
+    """A boolean that defaults to true is offered as its opposite (`--no-...`)."""
+    type: Callable[[str], Any] | None = None
+    """The parser (default: a positive integer for int fields, the text itself otherwise)."""
+    choices: Sequence[str] | None = None
+
+
+ENGINE_FLAGS = {
+    "model": EngineFlag(type=Path),
+    "dtype": EngineFlag(choices=DTYPE_NAMES),
+    "quantization": EngineFlag(choices=QUANTIZATIONS),
+    "kv_cache_memory": EngineFlag(type=byte_size),
+    "enable_prefix_caching": EngineFlag(name="no_prefix_caching", negated=True),
+    "num_threads": EngineFlag(name="threads"),
+    "seed": EngineFlag(type=int),
+}
+
+
+def _with_engine_flags(cls: type) -> type:
+    """Give `cls` (before @dataclass) a field per EngineConfig field: `model` first, the rest last."""
+    fields: dict[str, tuple[str, Any]] = {}
+    for f in dataclasses.fields(EngineConfig):
+        spec = ENGINE_FLAGS.get(f.name, EngineFlag())
+        kind = "bool" if spec.negated else str(f.type)
+        convert = spec.type or (positive_int if kind.startswith("int") else None)
+        help = f"do not {f.metadata['help']}" if spec.negated else f.metadata["help"]
+        metadata = {**flag(help, type=convert, choices=spec.choices), "engine_field": f.name}
+        if spec.negated:
+            metadata["negated"] = True
+        default = (not f.default) if spec.negated else f.default
+        made = dataclasses.field(metadata=metadata) if default is dataclasses.MISSING else None
+        fields[spec.name or f.name] = (kind, made or dataclasses.field(default=default, metadata=metadata))
+    own = dict(cls.__annotations__)
+    cls.__annotations__ = {"model": fields["model"][0], **own}
+    cls.__annotations__.update((name, kind) for name, (kind, _) in fields.items() if name != "model")
+    for name, (_, made) in fields.items():
+        setattr(cls, name, made)
+    return cls
+
+
+@dataclass(frozen=True)
+@_with_engine_flags
+class Settings:
+    """The parsed command line: HTTP knobs, then one field per EngineConfig knob (`engine_config()`)."""
+
     served_model_name: str | None = field(
         default=None, metadata=flag("model id clients must send (default: the directory's name)")
     )
-    # HTTP
     host: str = field(default="127.0.0.1", metadata=flag("interface to bind; 0.0.0.0 exposes the server"))
     port: int = field(default=8000, metadata=flag("TCP port (0 picks a free one)", type=port_number))
     api_key: str | None = field(
@@ -124,90 +166,18 @@ class Settings:
     )
     log_prompts: bool = field(default=False, metadata=flag("log prompts and outputs (off: never logged)"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=LOG_LEVELS))
-    # Engine
-    device: str = field(
-        default=_engine_default("device"),
-        metadata=flag("torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1"),
-    )
-    dtype: str | None = field(
-        default=_engine_default("dtype"),
-        metadata=flag("compute dtype (default: the checkpoint's)", choices=DTYPE_CHOICES),
-    )
-    max_model_len: int | None = field(
-        default=_engine_default("max_model_len"),
-        metadata=flag("context length served (default: the model's)", type=positive_int),
-    )
-    kv_cache_tokens: int | None = field(
-        default=_engine_default("kv_cache_tokens"),
-        metadata=flag("KV cache size in tokens (default: derived from --kv-cache-memory)", type=positive_int),
-    )
-    kv_cache_memory: int = field(
-        default=_engine_default("kv_cache_memory"),
-        metadata=flag("KV cache budget in bytes, e.g. 512M or 2G", type=byte_size),
-    )
-    block_size: int = field(
-        default=_engine_default("block_size"),
-        metadata=flag("KV cache page size in tokens", type=positive_int),
-    )
-    max_num_seqs: int = field(
-        default=_engine_default("max_num_seqs"),
-        metadata=flag("most sequences decoded together", type=positive_int),
-    )
-    max_waiting: int = field(
-        default=_engine_default("max_waiting"),
-        metadata=flag("most requests queued; beyond it new ones get 503 + Retry-After", type=positive_int),
-    )
-    max_buffered_events: int = field(
-        default=_engine_default("max_buffered_events"),
-        metadata=flag(
-            "most undelivered events per request; a client further behind is cut", type=positive_int
-        ),
-    )
-    prefill_chunk_tokens: int = field(
-        default=_engine_default("prefill_chunk_tokens"),
-        metadata=flag("most prompt tokens computed per step", type=positive_int),
-    )
-    no_prefix_caching: bool = field(
-        default=False, metadata=flag("do not reuse the KV of shared prompt prefixes")
-    )
-    deterministic: bool = field(
-        default=_engine_default("deterministic"), metadata=flag("batch-invariant results (slower)")
-    )
-    enforce_eager: bool = field(
-        default=_engine_default("enforce_eager"),
-        metadata=flag("run every step eagerly: no compiled decode graphs (faster start, slower decode)"),
-    )
-    threads: int | None = field(
-        default=_engine_default("num_threads"),
-        metadata=flag("torch CPU threads (default: torch's)", type=positive_int),
-    )
-    seed: int = field(
-        default=_engine_default("seed"), metadata=flag("engine seed for unseeded requests", type=int)
-    )
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model.resolve().name
+        return self.served_model_name or self.engine_config().model.resolve().name
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            device=self.device,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            kv_cache_tokens=self.kv_cache_tokens,
-            kv_cache_memory=self.kv_cache_memory,
-            block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs,
-            max_waiting=self.max_waiting,
-            max_buffered_events=self.max_buffered_events,
-            prefill_chunk_tokens=self.prefill_chunk_tokens,
-            enable_prefix_caching=not self.no_prefix_caching,
-            deterministic=self.deterministic,
-            enforce_eager=self.enforce_eager,
-            num_threads=self.threads,
-            seed=self.seed,
-        )
+        values = {}
+        for f in dataclasses.fields(self):
+            if "engine_field" in f.metadata:
+                value = getattr(self, f.name)
+                values[f.metadata["engine_field"]] = not value if f.metadata.get("negated") else value
+        return EngineConfig(**values)
 
     def public(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs."""
@@ -268,7 +238,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             default = _parse_env_bool(variable, env[variable]) if variable in env else f.default
             parser.add_argument(name, action="store_true", default=default, help=help_text)
             continue
-        convert = meta["type"] or (Path if f.name == "model" else str)
+        convert = meta["type"] or str
         kwargs: dict[str, Any] = {
             "type": _argparse_type(convert),
             "help": help_text,
@@ -294,7 +264,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 def _show_default(f: dataclasses.Field[Any]) -> str:
     if f.default is None or f.default == ():
         return "none"
-    if f.name == "kv_cache_memory" or f.name == "max_body_bytes":
+    if f.metadata["type"] is byte_size:
         return f"{f.default} bytes"
     return str(f.default)
 

@@ -2,10 +2,13 @@
 //
 // At a handful of rows a linear layer is a stream of its weight: the kernel walks the weight rows once,
 // four at a time (independent accumulators keep the FMA units busy), and multiplies each with every
-// input row while it sits in L1. Weights may be bfloat16: they are widened to float32 in registers, so a
-// bfloat16 model streams half the bytes on any CPU, including those without bfloat16 arithmetic (where
+// input row while it sits in L1. Weights may be bfloat16 or int8 (with a float32 scale per row, model/
+// quantization.py): they are widened to float32 in registers, so a bfloat16 model streams half the
+// bytes and an int8 one a quarter, on any CPU, including those without bfloat16 arithmetic (where
 // torch's own bfloat16 matrix-vector product is slow). Accumulation is in float32.
-// Above `kMaxRows` rows the product is compute-bound and at::linear (MKL / oneDNN) takes over.
+// Above `kMaxRows` rows the product is compute-bound and at::linear (MKL / oneDNN) takes over; for
+// int8 weights, one L2-sized tile of rows at a time is widened and multiplied, so no float copy of the
+// whole weight is ever made.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -38,6 +41,10 @@ inline __m256 load8(const c10::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
+inline __m256 load8(const int8_t* p) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -47,6 +54,7 @@ inline float hsum(__m256 v) {
 #endif
 
 inline float widen(float x) { return x; }
+inline float widen(int8_t x) { return static_cast<float>(x); }
 inline float widen(c10::BFloat16 x) {
   uint32_t bits = static_cast<uint32_t>(x.x) << 16;
   float out;
@@ -88,8 +96,10 @@ inline void dot4(const float* x, const T* w0, const T* w1, const T* w2, const T*
   out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 }
 
+// y[rows, n_out] = x[rows, k] @ w[n_out, k].T, each output times its row's scale when `scales` is given.
 template <typename T>
-void gemv_rows(const float* x, const T* w, float* y, int64_t rows, int64_t n_out, int64_t k) {
+void gemv_rows(const float* x, const T* w, const float* scales, float* y, int64_t rows, int64_t n_out,
+               int64_t k) {
   at::parallel_for(0, (n_out + 3) / 4, 16, [&](int64_t begin, int64_t end) {
     float acc[4];
     for (int64_t q = begin; q < end; ++q) {
@@ -99,10 +109,19 @@ void gemv_rows(const float* x, const T* w, float* y, int64_t rows, int64_t n_out
       for (int64_t j = 0; j < 4; ++j) rw[j] = w + (n + std::min(j, valid - 1)) * k;
       for (int64_t r = 0; r < rows; ++r) {
         dot4(x + r * k, rw[0], rw[1], rw[2], rw[3], k, acc);
-        for (int64_t j = 0; j < valid; ++j) y[r * n_out + n + j] = acc[j];
+        for (int64_t j = 0; j < valid; ++j) y[r * n_out + n + j] = scales ? acc[j] * scales[n + j] : acc[j];
       }
     }
   });
+}
+
+// The float32 product `y` [rows, n_out], plus the bias, in x's dtype and leading shape.
+at::Tensor finish(const at::Tensor& y, const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  at::Tensor out = y;
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return out.to(x.scalar_type()).view(shape);
 }
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -121,17 +140,46 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
   at::Tensor y = at::empty({rows, n_out}, x.options().dtype(at::kFloat));
   if (rows > 0) {
     if (weight.scalar_type() == at::kFloat)
-      gemv_rows(xf.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, n_out, k);
+      gemv_rows(xf.data_ptr<float>(), weight.data_ptr<float>(), nullptr, y.data_ptr<float>(), rows, n_out, k);
     else
-      gemv_rows(xf.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), rows, n_out, k);
+      gemv_rows(xf.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), nullptr, y.data_ptr<float>(), rows,
+                n_out, k);
   }
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n_out;
-  return y.to(x.scalar_type()).view(shape);
+  return finish(y, x, bias);
+}
+
+// Rows of int8 weight widened per L2-sized tile: enough output columns per at::mm to run at its speed.
+constexpr int64_t kTileBytes = 256 << 10;
+
+at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "qweight must be a 2-D int8 tensor");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == qweight.size(0),
+              "scales must be float32, one per weight row");
+  const int64_t k = x.size(-1), n_out = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == k, "x has ", k, " features but the weight ", qweight.size(1));
+  const int64_t rows = k ? x.numel() / k : 0;
+  const at::Tensor w = qweight.contiguous(), s = scales.contiguous();
+  at::Tensor xf = x.reshape({rows, k}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({rows, n_out}, x.options().dtype(at::kFloat));
+  if (rows > 0 && rows <= kMaxRows) {
+    gemv_rows(xf.data_ptr<float>(), w.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<float>(), rows, n_out,
+              k);
+  } else if (rows > 0) {
+    const int64_t tile = std::max<int64_t>(8, kTileBytes / (4 * std::max<int64_t>(k, 1)));
+    for (int64_t n = 0; n < n_out; n += tile) {
+      const int64_t m = std::min(tile, n_out - n);
+      const at::Tensor wf = w.narrow(0, n, m).to(at::kFloat).mul_(s.narrow(0, n, m).unsqueeze(1));
+      y.narrow(1, n, m).copy_(at::mm(xf, wf.t()));
+    }
+  }
+  return finish(y, x, bias);
 }
 
 }  // namespace
 
 // The op's schema is defined in model/kernels.py; this is its CPU implementation.
-TORCH_LIBRARY_IMPL(tinyserve, CPU, m) { m.impl("linear", &small_linear); }
+TORCH_LIBRARY_IMPL(tinyserve, CPU, m) {
+  m.impl("linear", &small_linear);
+  m.impl("linear_int8", &small_linear_int8);
+}

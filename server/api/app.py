@@ -7,11 +7,8 @@ before any port opens; the lifespan only starts its step thread and, at the end,
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
@@ -19,11 +16,12 @@ from starlette.middleware.cors import CORSMiddleware
 
 from server.api import errors
 from server.api.auth import APIKeyMiddleware
-from server.api.errors import APIError
 from server.api.limits import BodyLimitMiddleware
 from server.api.metrics_port import MetricsPortMiddleware
 from server.api.openai import router
-from server.api.telemetry import TelemetryMiddleware
+from server.api.request import TIMING_HEADERS
+from server.api.state import EngineClient, ServerState
+from server.api.telemetry import REQUEST_ID_HEADER, TelemetryMiddleware
 from server.api.telemetry import router as telemetry_router
 from server.api.ui import router as ui_router
 from server.metrics import Metrics
@@ -31,42 +29,7 @@ from server.settings import Settings
 
 log = logging.getLogger("server.api")
 
-EXPOSED_HEADERS = ["x-request-id", "x-queue-time", "x-time-to-first-token", "x-time-per-token", "retry-after"]
-
-
-@dataclass
-class ServerState:
-    """What the routes share: settings, the engine, the served name, metrics, whether we are shutting down."""
-
-    settings: Settings
-    engine: Any
-    model_name: str
-    metrics: Metrics
-    created: int = field(default_factory=lambda: int(time.time()))
-    draining: bool = False
-    drained: bool = False
-
-    def check_model(self, name: str) -> None:
-        """Every request names the model; a name we do not serve is a 404, as OpenAI answers."""
-        if name != self.model_name:
-            raise APIError(
-                404, f"the model '{name}' does not exist; this server serves '{self.model_name}'",
-                param="model", code="model_not_found",
-            )  # fmt: skip
-
-    def model_card(self) -> dict[str, Any]:
-        return {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "tinyserve",
-            "max_model_len": self.engine.max_model_len,
-        }
-
-    def readiness(self) -> str:
-        if self.draining:
-            return "draining"
-        return "ready" if self.engine.is_ready else "not_ready"
+EXPOSED_HEADERS = [REQUEST_ID_HEADER, *TIMING_HEADERS.values(), "retry-after"]
 
 
 async def drain(state: ServerState, grace_seconds: float) -> None:
@@ -88,14 +51,9 @@ async def drain(state: ServerState, grace_seconds: float) -> None:
     state.drained = True
 
 
-def create_app(settings: Settings, engine: Any) -> FastAPI:
+def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     """The ASGI app serving `engine` (an AsyncEngine, loaded but not started)."""
-    state = ServerState(
-        settings=settings,
-        engine=engine,
-        model_name=settings.served_model_name or engine.model_name,
-        metrics=Metrics(engine.stats),
-    )
+    state = ServerState(settings=settings, engine=engine, metrics=Metrics(engine.stats))
     engine.add_step_listener(state.metrics.observe_step)
 
     @asynccontextmanager

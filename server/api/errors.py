@@ -67,10 +67,6 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
 def from_engine_exception(exc: BaseException) -> APIError:
     """The API error for an exception out of `engine.submit` or an engine stream."""
     if isinstance(exc, ParamError):

@@ -80,9 +80,6 @@ class _Generation(_Strict):
         for stop in [self.stop] if isinstance(self.stop, str) else self.stop or []:
             check_unicode("stop", stop)
 
-    def renamed(self, exc: ParamError) -> ParamError:
-        return exc
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -155,6 +152,14 @@ class ChatMessage(_Strict):
         return "\n".join(texts)
 
 
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them; developer messages count as system ones."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+        for i, m in enumerate(messages)
+    ]
+
+
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -200,13 +205,9 @@ class ChatCompletionRequest(_Generation):
         return None
 
     def chat_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them; developer messages count as system ones."""
         if not self.messages:
             raise ParamError("messages", "messages must not be empty")
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-            for i, m in enumerate(self.messages)
-        ]
+        return template_messages(self.messages)
 
     def sampling_params(self) -> SamplingParams:
         self._check_common()

@@ -17,7 +17,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +57,6 @@ class RequestRecord:
     status: int | None = None
     fields: dict[str, Any] = field(default_factory=dict)
     """What the route adds to the access line, in order (outcome, tokens, timings, ...)."""
-    cleanup: Callable[[], Awaitable[None]] | None = None
-    """Run when the response has ended, whatever ended it (the route's safety net)."""
 
     def id(self, prefix: str = "") -> str:
         """The request id, made now if the client sent none (as `prefix-<hex>`, the response's id)."""
@@ -140,8 +137,6 @@ class TelemetryMiddleware:
             record.status = record.status or 500  # ServerErrorMiddleware, outside us, answers 500
             raise
         finally:
-            if record.cleanup is not None:
-                await record.cleanup()
             self._finish(scope, record)
 
     def _finish(self, scope: Scope, record: RequestRecord) -> None:

@@ -77,11 +77,12 @@ class AsyncEngine:
         self.config = config
         self.tokenizer = self.core.tokenizer
         self.model_config = self.core.model_config
-        self.model_name = config.model.resolve().name
         self.max_model_len = self.core.max_model_len
+        self.vocab_size = self.tokenizer.vocab_size
         self.kv_capacity_tokens = self.core.kv_capacity_tokens
         self.num_parameters = self.core.num_parameters
         self.dtype = str(self.core.dtype).removeprefix("torch.")
+        self.weights = self.core.weights
         self.device = str(self.core.device)
         self.decode_path = self.core.runner.path
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -177,7 +178,7 @@ class AsyncEngine:
         self._inbox.put(message)
         self._wake.set()
 
-    def _finished(self, request: Request) -> None:
+    def _finished(self) -> None:
         with self._lock:
             self._active -= 1
 
@@ -192,14 +193,14 @@ class AsyncEngine:
                 self.core.add(payload)
             elif kind == "abort" and not payload.done:
                 self.core.abort(payload)
-                self._finished(payload)
+                self._finished()
             elif kind == "abort_all":
                 outputs.extend(self.core.fail_all(payload))
 
     def _deliver(self, outputs: list[Output]) -> None:
-        for request, item in outputs:
+        for _, item in outputs:
             if isinstance(item, Finished | EngineError):
-                self._finished(request)
+                self._finished()
         assert self._loop is not None
         limit = self.config.max_buffered_events
 

@@ -1,37 +1,53 @@
-"""EngineConfig: the engine's knobs. `server/settings.py` maps flags onto it."""
+"""EngineConfig: the engine's knobs, each with the help text its server flag shows.
+
+`server/settings.py` builds one flag per field from this class (name, default, help), so a knob is
+declared once, here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+
+def knob(help: str, default: Any = None) -> Any:
+    """A field with its help text (the flag's, in `python -m server --help`)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: Path
-    device: str = "auto"
-    """torch device; "auto" is CUDA when present, else the CPU."""
-    dtype: str | None = None
-    """float32, bfloat16 or float16; None keeps the checkpoint's own dtype."""
-    max_model_len: int | None = None
-    """Context length served; None is the model's max_position_embeddings."""
-    kv_cache_tokens: int | None = None
-    """KV cache size in tokens; None derives it from kv_cache_memory."""
-    kv_cache_memory: int = 1 << 30
-    """Bytes for the KV cache when kv_cache_tokens is not given (capped at what max_num_seqs can use)."""
-    block_size: int = 16
-    max_num_seqs: int = 64
-    """Most sequences in the running batch."""
-    max_buffered_events: int = 4096
-    """Most events a request may have waiting for its client; one further behind is cut, its cache freed."""
-    max_waiting: int = 256
-    """Most requests queued before new ones are refused as overloaded."""
-    prefill_chunk_tokens: int = 256
-    """Most prompt tokens computed in one step: bounds how long a long prompt stalls the streams."""
-    enable_prefix_caching: bool = True
-    deterministic: bool = False
-    """Batch-invariant results: every sequence computed on its own, at fixed chunk boundaries."""
-    enforce_eager: bool = False
-    """Run every step eagerly: no compiled decode graphs (faster start-up, slower decoding)."""
-    num_threads: int | None = None
-    seed: int = 0
+    model: Path = field(metadata={"help": "checkpoint directory (config.json, model.safetensors, tokenizer)"})
+    device: str = knob("torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:1", "auto")
+    dtype: str | None = knob("compute dtype (default: the checkpoint's)")
+    quantization: str | None = knob(
+        "weight-only quantization (CPU): int8 rows with a scale each, half bfloat16's bytes per step; "
+        "activations stay in --dtype (default: none, the weights as stored)"
+    )
+    max_model_len: int | None = knob("context length served (default: the model's)")
+    kv_cache_tokens: int | None = knob("KV cache size in tokens (default: derived from --kv-cache-memory)")
+    kv_cache_memory: int = knob(
+        "KV cache budget in bytes when the size in tokens is not given, e.g. 512M or 2G "
+        "(capped at what max-num-seqs full sequences can use)",
+        1 << 30,
+    )
+    block_size: int = knob("KV cache page size in tokens", 16)
+    max_num_seqs: int = knob("most sequences decoded together", 64)
+    max_buffered_events: int = knob(
+        "most undelivered events per request; a client further behind is cut and its cache freed", 4096
+    )
+    max_waiting: int = knob("most requests queued; beyond it new ones get 503 + Retry-After", 256)
+    prefill_chunk_tokens: int = knob(
+        "most prompt tokens computed per step: bounds how long a long prompt stalls the streams", 256
+    )
+    enable_prefix_caching: bool = knob("reuse the KV of shared prompt prefixes", True)
+    deterministic: bool = knob(
+        "batch-invariant results, slower: every sequence computed on its own, at fixed chunk boundaries",
+        False,
+    )
+    enforce_eager: bool = knob(
+        "run every step eagerly: no compiled decode graphs (faster start, slower decode)", False
+    )
+    num_threads: int | None = knob("torch CPU threads (default: torch's)")
+    seed: int = knob("engine seed for unseeded requests", 0)

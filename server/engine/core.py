@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from model.checkpoint import load_model
+from model.quantization import check_quantization
 from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -47,10 +48,17 @@ class LLMEngine:
         self.config = config
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if config.device == "auto" else config.device)
+        if config.quantization is not None:
+            check_quantization(config.quantization, self.device)
         self.model = load_model(config.model, dtype=config.dtype, device=self.device)
         self.model_config = self.model.config
-        self.dtype = next(self.model.parameters()).dtype
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before the runner packs
+        self.dtype = self.model.dtype
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before quantizing
+        if config.quantization is not None:
+            self.model.quantize_int8()
+        self.weights = f"{config.quantization or str(self.dtype).removeprefix('torch.')} weights, " + (
+            f"{self.model.weight_bytes() / 1e6:.1f} MB"
+        )
         self.tokenizer = Tokenizer.load(config.model)
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(

@@ -90,7 +90,6 @@ class Finished:
     completion_tokens: int
     cached_tokens: int
     timings: Timings
-    error: str | None = None
 
 
 @dataclass(frozen=True)

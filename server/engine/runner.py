@@ -50,7 +50,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.deterministic = deterministic
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype = model.dtype
         if device.type == "cpu" and load_cpu_kernels():
             model.use_serving_linears()
         self.buckets = decode_buckets(max_num_seqs)

@@ -9,7 +9,6 @@ prefill chunk: the scheduler needs no separate phases.
 from __future__ import annotations
 
 import enum
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +17,6 @@ import torch
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import Timings
 from server.engine.params import SamplingParams
-
-_seq_ids = itertools.count()
 
 
 class Status(enum.Enum):
@@ -59,7 +56,6 @@ class Sequence:
     token_ids: list[int]
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)

@@ -39,8 +39,8 @@ def run_step(scheduler: Scheduler, step: ScheduledStep) -> None:
             seq.token_ids.append(SAMPLED)
 
 
-def scheduled(step: ScheduledStep) -> dict[int, int]:
-    return {seq.seq_id: n for seq, n in zip(step.sequences, step.num_tokens, strict=True)}
+def scheduled(step: ScheduledStep) -> dict[Sequence, int]:
+    return {seq: n for seq, n in zip(step.sequences, step.num_tokens, strict=True)}
 
 
 def schedule_and_run(scheduler: Scheduler) -> ScheduledStep:
@@ -95,7 +95,7 @@ def test_prefix_hits_are_counted_once_admitted() -> None:
     again = make_seq(9)
     scheduler.add(again)
     step = scheduler.schedule()
-    assert scheduled(step)[again.seq_id] == 1  # 8 tokens came from the cache
+    assert scheduled(step)[again] == 1  # 8 tokens came from the cache
     assert scheduler.prefix_hit_tokens == 8
 
 
@@ -106,7 +106,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_of_the_budget() -> None:
     scheduler = make_scheduler(chunk=8)
     seq = make_seq(20)
     scheduler.add(seq)
-    chunks = [scheduled(schedule_and_run(scheduler))[seq.seq_id] for _ in range(4)]
+    chunks = [scheduled(schedule_and_run(scheduler))[seq] for _ in range(4)]
     assert chunks == [8, 8, 4, 1]  # three prefill chunks, then a decode
     assert seq.num_output_tokens == 2
 
@@ -120,7 +120,7 @@ def test_decodes_run_every_step_and_cost_no_budget() -> None:
     scheduler.add(long)
     for expected in (8, 8, 4):
         step = scheduled(schedule_and_run(scheduler))
-        assert step == {decoding.seq_id: 1, long.seq_id: expected}
+        assert step == {decoding: 1, long: expected}
 
 
 def test_prompts_admitted_in_one_step_share_its_budget() -> None:
@@ -129,9 +129,9 @@ def test_prompts_admitted_in_one_step_share_its_budget() -> None:
     for seq in (a, b, c):
         scheduler.add(seq)
     step = scheduled(schedule_and_run(scheduler))
-    assert step == {a.seq_id: 5, b.seq_id: 3}  # the budget is spent: c waits for the next step
+    assert step == {a: 5, b: 3}  # the budget is spent: c waits for the next step
     assert c.status is Status.WAITING
-    assert scheduled(scheduler.schedule()) == {a.seq_id: 1, b.seq_id: 3, c.seq_id: 5}
+    assert scheduled(scheduler.schedule()) == {a: 1, b: 3, c: 5}
 
 
 def test_aligned_chunks_end_at_fixed_boundaries_whatever_shares_the_step() -> None:
@@ -141,12 +141,12 @@ def test_aligned_chunks_end_at_fixed_boundaries_whatever_shares_the_step() -> No
     a, b = make_seq(12), make_seq(12, first=100)
     scheduler.add(a)
     scheduler.add(b)
-    chunks: dict[int, list[int]] = {a.seq_id: [], b.seq_id: []}
+    chunks: dict[Sequence, list[int]] = {a: [], b: []}
     while a.num_output_tokens == 0 or b.num_output_tokens == 0:
-        for seq_id, n in scheduled(schedule_and_run(scheduler)).items():
+        for seq, n in scheduled(schedule_and_run(scheduler)).items():
             if n > 1:
-                chunks[seq_id].append(n)
-    assert chunks == {a.seq_id: [8, 4], b.seq_id: [8, 4]}
+                chunks[seq].append(n)
+    assert chunks == {a: [8, 4], b: [8, 4]}
 
 
 # ---- preemption -----------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_a_sequence_that_cannot_grow_alone_preempts_itself() -> None:
     second.token_ids.extend([SAMPLED] * 5)  # now needs 3 blocks; only first's and one free exist
     step = scheduler.schedule()
     assert step.preempted == [second] and second not in step.sequences
-    assert scheduled(step) == {first.seq_id: 1}
+    assert scheduled(step) == {first: 1}
 
 
 def test_a_preempted_sequence_resumes_where_its_output_left_off() -> None:
@@ -191,7 +191,7 @@ def test_a_preempted_sequence_resumes_where_its_output_left_off() -> None:
     assert scheduler.schedule().preempted == [second]
     scheduler.remove(first)
     step = schedule_and_run(scheduler)
-    assert scheduled(step) == {second.seq_id: 4}  # prompt and output recomputed in one chunk
+    assert scheduled(step) == {second: 4}  # prompt and output recomputed in one chunk
     assert second.num_output_tokens == 2
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_model
-from model.data import Document, token_stream
+from model.data import Document, read_corpus, split_documents, token_stream
 from model.evaluate import evaluate, main
 from model.tokenizer import Tokenizer
 
@@ -69,3 +69,34 @@ def test_cli_errors_are_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
         main(["--model", str(tmp_path / "nope"), "--data", str(tmp_path)])
     with pytest.raises(SystemExit, match="^error: .*no such file"):
         main(["--model", str(tiny_checkpoint), "--data", str(tmp_path / "missing.txt")])
+
+
+def test_cli_reports_int8_beside_the_unquantized_model(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "eval.txt"
+    data.write_text(DOCS[0].text)
+    args = ["--model", str(tiny_checkpoint), "--data", str(data), "--device", "cpu", "--seq-len", "64"]
+    metrics = main([*args, "--quantization", "int8"])
+    assert json.loads(capsys.readouterr().out) == metrics
+    plain = metrics["unquantized"]
+    assert metrics["quantization"] == "int8" and plain == main(args)
+    assert metrics["tokens"] == plain["tokens"] and metrics["loss"] != plain["loss"]  # really quantized
+    assert metrics["loss"] == pytest.approx(plain["loss"], rel=0.02)  # and still the same model
+
+
+def test_cli_held_out_evaluates_only_what_training_held_out(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "eval.txt"
+    data.write_text(DOCS[0].text)
+    args = ["--model", str(tiny_checkpoint), "--data", str(data), "--device", "cpu", "--seq-len", "64"]
+    held_out = split_documents(read_corpus([str(data)]), 0.25)[1]
+    assert (
+        main([*args, "--held-out", "0.25"])["characters"]
+        == sum(len(d.text) for d in held_out)
+        < len(DOCS[0].text)
+    )
+    with pytest.raises(SystemExit):
+        main([*args, "--held-out", "1.5"])
+    assert "--held-out must be in (0, 1)" in capsys.readouterr().err

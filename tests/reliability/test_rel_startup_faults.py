@@ -114,6 +114,10 @@ BAD_FLAGS: dict[str, tuple[list[str], str]] = {
     "kv-cache-memory-too-small": (["--kv-cache-memory", "1K"], "cannot hold one sequence"),
     "kv-cache-larger-than-memory": (["--kv-cache-tokens", str(10**10)], "GiB"),
     "context-longer-than-the-model": (["--max-model-len", "100000"], "--max-model-len"),
+    "int8-on-a-gpu": (
+        ["--quantization", "int8", "--device", "cuda"],
+        "--quantization int8 runs on the CPU only",
+    ),
 }
 
 
