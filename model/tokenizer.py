@@ -114,6 +114,10 @@ class Tokenizer:
         ids = [self.eos_token_id, self._tok.token_to_id(IM_END)]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what other tokenizer-aware libraries load)."""
+        return self._tok.to_str()
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
