@@ -145,9 +145,12 @@ class AsyncEngine:
     async def encode(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         def render() -> list[int]:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), parse_special=True)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools)
+            return self.tokenizer.encode(text, parse_special=True)
 
         return await asyncio.to_thread(render)
 
