@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import jsonschema
 import llguidance as llg
@@ -68,31 +69,27 @@ class CompiledGrammar:
         return self._template.deep_copy()
 
 
-def _check_json_schema(constraint: Constraint) -> None:
+def check_json_schema(schema: Any, param: str) -> None:
     """A schema the JSON Schema metaschema rejects is a 400, not whatever the compiler makes of it."""
-    try:
-        schema = json.loads(constraint.source)
-    except json.JSONDecodeError as exc:
-        message = f"{constraint.param}: the schema is not valid JSON ({exc})"
-        raise ParamError(constraint.param, message) from None
     if not isinstance(schema, dict):
-        raise ParamError(constraint.param, f"{constraint.param}: the schema must be a JSON object")
+        raise ParamError(param, f"{param}: a JSON Schema must be an object")
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(map(str, exc.path))
-        raise ParamError(
-            constraint.param,
-            f"{constraint.param}: invalid JSON Schema{f' at {where}' if where else ''}: {exc.message}",
-        ) from None
+        at = f" at {where}" if where else ""
+        raise ParamError(param, f"{param}: invalid JSON Schema{at}: {exc.message}") from None
 
 
 def grammar_text(constraint: Constraint) -> str:
     """The llguidance grammar of `constraint` (not compiled yet); ParamError for what cannot be one."""
     kind, source, param = constraint.kind, constraint.source, constraint.param
     if kind == "json_schema":
-        _check_json_schema(constraint)
+        try:
+            check_json_schema(json.loads(source), param)
+        except json.JSONDecodeError as exc:
+            raise ParamError(param, f"{param}: the schema is not valid JSON ({exc})") from None
         return llg.LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
     if kind == "regex":
         return llg.LLMatcher.grammar_from_regex(source)
