@@ -57,14 +57,14 @@ def test_free_rows_in_a_constrained_batch_give_their_solo_text(make_engine: Call
     assert all(s.matcher is None for r in mixed for s in r.request.sequences)
 
 
-def test_every_sampling_parameter_applies_within_the_allowed_set(make_engine: Callable[..., LLMEngine]) -> None:
+def test_sampling_parameters_apply_within_the_allowed_set(make_engine: Callable[..., LLMEngine]) -> None:
     engine = make_engine()
     grammar = compile_schema(engine)
     prompt = engine.tokenizer.encode("data = ")
     params = [
         SamplingParams(max_tokens=200, temperature=0),
         SamplingParams(max_tokens=200, temperature=1.5, top_k=5, top_p=0.9, min_p=0.05, seed=1),
-        SamplingParams(max_tokens=200, temperature=0.7, repetition_penalty=1.3, frequency_penalty=1.0, seed=2),
+        SamplingParams(max_tokens=200, temperature=0.7, repetition_penalty=1.3, presence_penalty=1, seed=2),
         SamplingParams(max_tokens=200, logit_bias={7: 100.0, 8: -100.0}, seed=3, min_tokens=10),
     ]
     results = run(engine, [submit(engine, prompt, p, grammar) for p in params])  # type: ignore[arg-type]
@@ -78,8 +78,17 @@ def test_n_choices_seeds_and_preemption_keep_each_matcher_consistent(
 ) -> None:
     roomy = make_engine(max_model_len=256)
     tight = make_engine(max_model_len=256, kv_cache_tokens=256, block_size=16, prefill_chunk_tokens=64)
-    prompts = random_prompts(8, roomy.tokenizer.vocab_size, seed=22, max_len=100)
+    prompts = random_prompts(6, roomy.tokenizer.vocab_size, seed=22, max_len=80)
     params = SamplingParams(n=2, max_tokens=120, temperature=1.0, seed=9)
+    preempted = []
+    schedule = tight.scheduler.schedule
+
+    def recording():  # type: ignore[no-untyped-def]
+        step = schedule()
+        preempted.extend(step.preempted)
+        return step
+
+    tight.scheduler.schedule = recording  # type: ignore[method-assign]
     outputs = []
     for engine in (roomy, tight):
         grammar = compile_schema(engine)
@@ -90,6 +99,7 @@ def test_n_choices_seeds_and_preemption_keep_each_matcher_consistent(
                 assert r.finish_reason(i) == "stop", r.text(i)
                 jsonschema.validate(json.loads(r.text(i)), SCHEMA)
         assert engine.blocks.num_used_blocks == 0
+    assert preempted, "the tight cache preempts and recomputes sequences mid-output"
     assert outputs[0] == outputs[1], "the same seeds give the same outputs, preempted or not"
     assert any(a != b for a, b in outputs[0]), "each choice has its own matcher and generator"
 
