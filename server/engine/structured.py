@@ -150,12 +150,14 @@ class GrammarCompiler:
             raise ParamError(constraint.param, message)
         started = time.perf_counter()
         try:
-            text = grammar_text(constraint)
+            matcher = llg.LLMatcher(self._tokenizer, grammar_text(constraint), log_level=0, limits=_LIMITS)
         except ParamError:
             raise
-        except ValueError as exc:  # llguidance refusing the input outright
-            raise ParamError(constraint.param, f"{constraint.param}: {exc}") from None
-        matcher = llg.LLMatcher(self._tokenizer, text, log_level=0, limits=_LIMITS)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # llguidance's ValueErrors and panics; a deep schema's RecursionError
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ParamError(constraint.param, f"{constraint.param}: {detail}") from None
         if matcher.is_error():
             what = "grammar" if constraint.kind == "grammar" else constraint.kind.replace("_", " ")
             message = matcher.get_error().strip()
