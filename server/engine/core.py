@@ -197,7 +197,14 @@ class LLMEngine:
             preempted=len(step.preempted),
             seconds=0.0,
         )
-        ready, logits = self.runner.execute(step)
+        # Grammar masks of the rows that sample this step, computed while the forward runs.
+        sampling = [s for s in step.sequences if s.matcher is not None and s.num_missing_tokens == 0]
+        masks = self.grammars.start_masks([s.matcher for s in sampling]) if sampling else None
+        try:
+            ready, logits = self.runner.execute(step)
+        finally:
+            if masks is not None:
+                masks.result()  # never leave a mask computation running past a failed step
         self.steps += 1
         for seq in step.sequences:
             self.blocks.register_computed(seq)
@@ -208,8 +215,10 @@ class LLMEngine:
         rows = [self._sample_row(s) for s in ready]
         masked = [i for i, s in enumerate(ready) if s.matcher is not None]
         allowed = None
-        if masked:
-            allowed = self.grammars.allowed_tokens([ready[i].matcher for i in masked], logits.device)
+        if masks is not None:
+            row_of = {id(s): row for row, s in enumerate(sampling)}
+            mask_rows = [row_of[id(ready[i])] for i in masked]
+            allowed = self.grammars.allowed_tokens(masks, mask_rows, logits.device)
         result = sample(logits, rows, masked, allowed)
         now = time.monotonic()
         outputs: list[Output] = []
