@@ -76,6 +76,8 @@ def check_json_schema(schema: Any, param: str) -> None:
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
+    except RecursionError:
+        raise ParamError(param, f"{param}: the JSON Schema is nested too deeply") from None
     except jsonschema.SchemaError as exc:
         where = "/".join(map(str, exc.path))
         at = f" at {where}" if where else ""

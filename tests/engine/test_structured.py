@@ -152,6 +152,7 @@ def test_compiles_are_cached_by_text_and_bounded(make_engine: Callable[..., LLME
         ("json_schema", '{"not": {"type": "string"}}', "Unimplemented keys"),
         ("json_schema", '{"$ref": "#/$defs/missing"}', "does not exist"),
         ("json_schema", '{"type": "integer", "minimum": 5, "maximum": 1}', "Unsatisfiable"),
+        ("json_schema", '{"items": ' * 900 + "{}" + "}" * 900, "nested too deeply"),
         ("regex", "a((", "unclosed group"),
         ("grammar", 'root ::= ("a"', "GBNF"),
         ("grammar", "start: undefined_rule", "unknown name"),
