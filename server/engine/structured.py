@@ -22,7 +22,6 @@ from typing import Any
 
 import jsonschema
 import llguidance as llg
-import llguidance.torch as llg_torch
 import torch
 from torch import Tensor
 
@@ -103,6 +102,12 @@ def grammar_text(constraint: Constraint) -> str:
         raise ParamError(param, f"{param}: {exc}") from None
 
 
+def _bitmask(rows: int, vocab_size: int) -> Tensor:
+    """llguidance's mask layout: one bit per token, 32 to an int32 (llguidance.torch's, whose import
+    would load torch's compiler for one decorator)."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+
 class GrammarCompiler:
     """Compiles constraints in a thread pool, caches them, and computes the batch's token bitmasks.
 
@@ -124,7 +129,7 @@ class GrammarCompiler:
         self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         self._cache: OrderedDict[Constraint, Future[CompiledGrammar]] = OrderedDict()
         self._lock = threading.Lock()
-        self._bitmask = llg_torch.allocate_token_bitmask(1, vocab_size)
+        self._bitmask = _bitmask(1, vocab_size)
         self._shifts = torch.arange(32, dtype=torch.int32)
         self.listeners: list[Callable[[float], None]] = []
         """Called with the seconds of each compile that ran (not of cache hits), from a pool thread."""
@@ -181,11 +186,13 @@ class GrammarCompiler:
         torch's for two cores.
         """
         if self._bitmask.shape[0] < len(matchers):
-            self._bitmask = llg_torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+            self._bitmask = _bitmask(len(matchers), self.vocab_size)
+        bitmask = self._bitmask
+        row_bytes = bitmask.shape[1] * bitmask.element_size()
 
         def fill() -> None:
             for i, matcher in enumerate(matchers):
-                llg_torch.fill_next_token_bitmask(matcher, self._bitmask, i)
+                matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
 
         return self._mask_thread.submit(fill)
 
