@@ -25,9 +25,11 @@ run $PY -m bench.engine --model weights/default --batch-sizes 1,32 --threads 2 \
 run $PY -m bench.serve --random-110m --threads 2 --dtypes float32,bfloat16 --compare-hf --concurrency 1,4,16
 run $PY -m bench.serve --model weights/default --threads 2 --dtypes float32 --compare-hf --concurrency 1,4,16
 
-# What HTTP costs over the engine; prefix-cache TTFT; batch invariance of seeded sampling.
+# What HTTP costs over the engine; what structured output costs; prefix-cache TTFT; batch invariance.
 run $PY -m bench.http_overhead --random-110m --streams 1,16 --threads 2 --prompt-tokens 128 --new-tokens 64 \
   --json $OUT/http-overhead-110m.json | tee $OUT/http-overhead-110m.md
+run $PY -m bench.structured --shape 110m --dtype bfloat16 --streams 16 --new-tokens 128 --threads 2 \
+  --json $OUT/structured-110m-bfloat16.json | tee $OUT/structured-110m-bfloat16.md
 run $PY -m bench.prefix_cache --model weights/default --prefix-tokens 768 --threads 2 | tee $OUT/prefix-cache.md
 run $PY -m bench.batch_invariance --model weights/default --prompts 64 --dtype float32 | tee $OUT/batch-invariance.md
 run $PY -m bench.batch_invariance --model weights/default --prompts 64 --dtype bfloat16 \

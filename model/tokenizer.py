@@ -30,14 +30,43 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 ADDED_TOKEN_KEYS = ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
 
 CHATML_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'"
+    " + 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments '"
+    " + 'within <tool_call></tool_call> XML tags:\n<tool_call>\n'"
+    ' + \'{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n\' }}'
+    "{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] == 'system' and tools and loop.first %}"
+    "{% elif message['role'] in ['system', 'user'] or (message['role'] == 'assistant'"
+    " and not message['tool_calls']) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant' }}"
+    "{% if message['content'] %}{{ '\n' + message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '\n<tool_call>\n' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+    " | tojson) + '\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% else %}"
     "{{ raise_exception('Unsupported role: ' + message['role']) }}"
     "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+"""ChatML, with tools, tool calls and tool results as Hermes and Qwen templates render them:
+`tools` (transformers' convention: OpenAI's tool objects) in the system turn, each call of an
+assistant turn as `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, and tool results in
+a user turn as `<tool_response>...</tool_response>`."""
 
 
 class TokenizerError(ValueError):
@@ -114,6 +143,10 @@ class Tokenizer:
         ids = [self.eos_token_id, self._tok.token_to_id(IM_END)]
         return list(dict.fromkeys(i for i in ids if i is not None))
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what other tokenizer-aware libraries load)."""
+        return self._tok.to_str()
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -157,8 +190,14 @@ class Tokenizer:
                 out.append(piece.replace("▁", " ").encode())
         return out
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render the checkpoint's Jinja chat template in a sandbox, as transformers does."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Render the checkpoint's Jinja chat template in a sandbox, as transformers does (`tools`
+        included: a template that ignores them renders none)."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat_template")
         try:
@@ -166,6 +205,7 @@ class Tokenizer:
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
@@ -254,7 +294,15 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
+
+    def tojson(value: Any, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+        # transformers' own filter: plain JSON (Jinja's escapes <, > and & for HTML).
+        return json.dumps(
+            value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
     env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = tojson
     return env
 
 

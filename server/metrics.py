@@ -42,9 +42,13 @@ REQUEST_BUCKETS = (
 """End to end, queue, prefill and decode times of one request."""
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""A regex compiles in well under a millisecond; a large JSON Schema in a second or more."""
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 """Every value the finished_reason label takes; anything else is counted as "error"."""
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "tool_call")
+"""Every value the structured-output `kind` label takes (server/api/structured.py and tools.py)."""
 OUTCOMES = ("finished", "aborted", "failed")
 """How a started generation request ends: started_total = finished + aborted + failed."""
 
@@ -119,8 +123,19 @@ class Metrics:
             "engine_step_duration_seconds", "Wall time of one engine step.", STEP_BUCKETS
         )
         self.preemptions = counter("num_preemptions_total", "Sequences preempted to free KV cache.")
+        # Structured output.
+        self.structured = counter(
+            "structured_output_requests_total",
+            "Generation requests constrained by a grammar (response_format, guided_*, forced tools).",
+            ["kind"],
+        )
+        self.grammar_compile = histogram(
+            "grammar_compile_seconds", "Time to compile a new grammar (cache hits excluded).", COMPILE_BUCKETS
+        )
         for reason in FINISH_REASONS:  # present at 0 from the start, so rate() has a baseline
             self.finish_reasons.labels(reason)
+        for kind in STRUCTURED_KINDS:
+            self.structured.labels(kind)
         r.register(_EngineGauges(stats))
 
     def observe_step(self, step: StepStats) -> None:
@@ -130,6 +145,14 @@ class Metrics:
         self.step_time.observe(step.seconds)
         if step.preempted:
             self.preemptions.inc(step.preempted)
+
+    def count_structured(self, kind: str) -> None:
+        """A constrained request handed to the engine; `kind` is one of STRUCTURED_KINDS."""
+        self.structured.labels(kind).inc()
+
+    def observe_grammar_compile(self, seconds: float) -> None:
+        """A compile listener: runs on a compile thread (Histogram is thread-safe)."""
+        self.grammar_compile.observe(seconds)
 
     def count_tokens(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
         """A request's usage, counted when it finishes: the counters add up to the usage clients saw."""

@@ -41,6 +41,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def port_number(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -100,6 +107,7 @@ ENGINE_FLAGS = {
     "dtype": EngineFlag(choices=DTYPE_NAMES),
     "quantization": EngineFlag(choices=QUANTIZATIONS),
     "kv_cache_memory": EngineFlag(type=byte_size),
+    "grammar_compile_timeout": EngineFlag(type=positive_float),
     "enable_prefix_caching": EngineFlag(name="no_prefix_caching", negated=True),
     "num_threads": EngineFlag(name="threads"),
     "seed": EngineFlag(type=int),

@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from bench.harness import RunningServer, launch
 from model.checkpoint import save_model
 from model.config import ModelConfig
-from model.tokenizer import IM_END, train_tokenizer
+from model.tokenizer import IM_END, Tokenizer, train_tokenizer
 from model.transformer import Transformer
 
 TINY_TEXTS = (
@@ -26,9 +27,16 @@ LONG_CONTEXT = 8192
 """`long_checkpoint`'s context: at most 8192 tokens of decoding, which takes seconds even on a fast box."""
 
 
-def make_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A checkpoint directory in the shipped layout: BPE tokenizer (vocab 512) and a random 2-layer model."""
+def make_tiny_checkpoint(directory: Path, seed: int = 0, added_tokens: tuple[str, ...] = ()) -> Path:
+    """A checkpoint directory in the shipped layout: BPE tokenizer (vocab 512) and a random 2-layer model.
+
+    `added_tokens` become extra (non-special) vocabulary entries after the 512, each one token.
+    """
     tokenizer = train_tokenizer(list(TINY_TEXTS), vocab_size=512, model_max_length=512)
+    if added_tokens:
+        hf = HFTokenizer.from_str(tokenizer.to_json())
+        hf.add_tokens(list(added_tokens))
+        tokenizer = Tokenizer(hf, model_max_length=512)
     config = ModelConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=64,

@@ -55,6 +55,7 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
     """The ASGI app serving `engine` (an AsyncEngine, loaded but not started)."""
     state = ServerState(settings=settings, engine=engine, metrics=Metrics(engine.stats))
     engine.add_step_listener(state.metrics.observe_step)
+    engine.add_compile_listener(state.metrics.observe_grammar_compile)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.api import tools
 from server.api.request import Choice, GenerationRequest
 from server.api.schemas import (
     ChatCompletionRequest,
@@ -23,6 +24,7 @@ from server.api.schemas import (
     template_messages,
 )
 from server.api.state import state_of
+from server.api.structured import structured_output
 from server.engine.outputs import Delta
 from server.engine.params import ParamError
 
@@ -62,30 +64,42 @@ class CompletionFormat:
 
 
 class ChatFormat:
-    """/v1/chat/completions: assistant messages, role first when streamed."""
+    """/v1/chat/completions: assistant messages, role first when streamed; with tools, the reply's
+    `<tool_call>` blocks become `tool_calls` (server/api/tools.py)."""
 
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, n: int, logprobs: bool) -> None:
+    def __init__(self, n: int, logprobs: bool, tool_calls: bool = False) -> None:
         self.n = n
         self.logprobs = logprobs
+        self.tool_calls = tool_calls
+        self.replies: dict[int, tools.StreamedReply] = {}
+        """Per streamed choice in tool mode: its parser."""
 
     def prelude(self) -> list[dict[str, Any]]:
         role = {"role": "assistant", "content": ""}
         return [{"index": j, "delta": role, "logprobs": None, "finish_reason": None} for j in range(self.n)]
 
     def chunk_choice(self, index: int, delta: Delta) -> dict[str, Any] | None:
-        if _nothing_new(delta):
+        if self.tool_calls:
+            reply = self.replies.setdefault(index, tools.StreamedReply())
+            content, reason = reply.delta(delta.text, delta.finish_reason)
+        else:
+            content, reason = ({"content": delta.text} if delta.text else {}), delta.finish_reason
+        if not content and reason is None and not delta.logprobs:
             return None
-        return {"index": index, "delta": {"content": delta.text} if delta.text else {},
+        return {"index": index, "delta": content,
                 "logprobs": chat_logprobs(delta.logprobs or []) if self.logprobs else None,
-                "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}  # fmt: skip
+                "finish_reason": reason, "stop_reason": delta.stop_reason}  # fmt: skip
 
     def body_choice(self, index: int, choice: Choice) -> dict[str, Any]:
-        return {"index": index, "message": {"role": "assistant", "content": choice.text},
+        message, reason = {"role": "assistant", "content": choice.text}, choice.finish_reason
+        if self.tool_calls:
+            message, reason = tools.reply_message(choice.text, reason)
+        return {"index": index, "message": message,
                 "logprobs": chat_logprobs(choice.logprobs) if self.logprobs else None,
-                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}  # fmt: skip
+                "finish_reason": reason, "stop_reason": choice.stop_reason}  # fmt: skip
 
 
 @router.post("/v1/completions")
@@ -94,8 +108,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
     params = body.sampling_params()
     prompts = body.prompts()
+    structured = structured_output(body)
     fmt = CompletionFormat(logprobs=params.logprobs is not None)
-    generation = await GenerationRequest.start(state, request, "cmpl", params, prompts=prompts)
+    generation = await GenerationRequest.start(
+        state, request, "cmpl", params, prompts=prompts, structured=structured
+    )
     return generation.response(fmt, stream=body.stream, include_usage=body.include_usage)
 
 
@@ -105,10 +122,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state.check_model(body.model)
     params = body.sampling_params()
     messages = body.chat_messages()
-    fmt = ChatFormat(params.n, logprobs=params.logprobs is not None)
+    structured = structured_output(body)
+    use = tools.tool_use(body)
+    if use is not None:
+        if structured is not None:
+            param = structured.constraint.param
+            raise ParamError(param, f"{param} cannot be combined with tools unless tool_choice is 'none'")
+        await tools.check_parameters(use)
+        structured = use.structured()
+    fmt = ChatFormat(params.n, logprobs=params.logprobs is not None, tool_calls=use is not None)
     generation = await GenerationRequest.start(
-        state, request, "chatcmpl", params, messages=messages, renamed=body.renamed
-    )
+        state, request, "chatcmpl", params, messages=messages, renamed=body.renamed,
+        tools=use.template_tools() if use is not None else None, structured=structured,
+    )  # fmt: skip
     return generation.response(fmt, stream=body.stream, include_usage=body.include_usage)
 
 

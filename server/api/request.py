@@ -35,6 +35,7 @@ from server.api import telemetry
 from server.api.errors import APIError, from_engine_exception
 from server.api.schemas import usage
 from server.api.state import EngineStream, ServerState
+from server.api.structured import Structured
 from server.engine.outputs import (
     Delta,
     EngineError,
@@ -193,21 +194,27 @@ class GenerationRequest:
         params: SamplingParams,
         *,
         prompts: list[str | list[int]] | None = None,
-        messages: list[dict[str, str]] | None = None,
+        messages: list[dict[str, Any]] | None = None,
         renamed: Callable[[ParamError], ParamError] = lambda exc: exc,
+        tools: list[dict[str, Any]] | None = None,
+        structured: Structured | None = None,
     ) -> GenerationRequest:
-        """Tokenize and submit every prompt (or none); each refusal here is a proper HTTP error.
+        """Compile any grammar, tokenize and submit every prompt (or none); each refusal here is a
+        proper HTTP error.
 
-        `renamed` gives a ParamError out of the engine the name the client's request used.
+        `renamed` gives a ParamError out of the engine the name the client's request used; `tools` go
+        to the chat template; `structured` constrains every choice (compiled off the event loop, or
+        taken from the engine's cache).
         """
         if state.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         self = cls(state, http, prefix, params)
         engine = state.engine
+        grammar = None if structured is None else await engine.compile_grammar(structured.constraint)
         try:
             if messages is not None:
                 self.prompts = messages
-                prompt_ids = [await engine.encode_chat(messages)]
+                prompt_ids = [await engine.encode_chat(messages, tools)]
             else:
                 self.prompts = prompts or []
                 texts = [p for p in self.prompts if isinstance(p, str)]
@@ -218,11 +225,13 @@ class GenerationRequest:
         try:
             for i, ids in enumerate(prompt_ids):
                 rid = self.id if len(prompt_ids) == 1 else f"{self.id}-{i}"
-                self.streams.append(engine.submit(ids, params, rid))
+                self.streams.append(engine.submit(ids, params, rid, grammar=grammar))
         except Exception as exc:
             await self._close()  # all or none: those already queued are aborted
             raise self._error_for(renamed(exc) if isinstance(exc, ParamError) else exc) from None
         state.metrics.request_started()
+        if structured is not None:
+            state.metrics.count_structured(structured.kind)
         return self
 
     @property

@@ -8,9 +8,10 @@ Responses are plain dicts: they are built per token on the streaming path, where
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.engine.outputs import TokenLogprob
 from server.engine.params import ParamError, SamplingParams
@@ -41,6 +42,19 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    """Accepted for OpenAI's SDK; the schema is always enforced, strict or not."""
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _Generation(_Strict):
     """Fields both endpoints share. None means "not given": SamplingParams' default applies."""
 
@@ -64,6 +78,12 @@ class _Generation(_Strict):
     stop_token_ids: list[int] | None = None
     min_tokens: int | None = None
     skip_special_tokens: bool | None = None
+    # Structured output: OpenAI's response_format, and vLLM's guided_* extensions (server/api/structured.py)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     _PASSED: ClassVar[tuple[str, ...]] = (
         "n", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
@@ -127,10 +147,28 @@ class CompletionRequest(_Generation):
         return SamplingParams(**kwargs)
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI returns it."""
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """An assistant turn's calls, sent back in the history."""
+    tool_call_id: str | None = None
+    """A tool turn's answer to that call."""
+    refusal: str | None = None
+    """Sent back by clients that echo an assistant message; not rendered."""
 
     def text(self, index: int) -> str:
         """The content as one string; list content may hold only text parts (joined by newlines)."""
@@ -151,13 +189,63 @@ class ChatMessage(_Strict):
             texts.append(check_unicode("messages", part["text"]))
         return "\n".join(texts)
 
+    def for_template(self, index: int) -> dict[str, Any]:
+        """This message as the chat template takes it; role-specific fields checked."""
+        where = f"messages[{index}]"
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ParamError("messages", f"{where}: only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ParamError("messages", f"{where}: tool messages, and only they, need a tool_call_id")
+        role = "system" if self.role == "developer" else self.role
+        if self.role == "assistant" and self.tool_calls:
+            content = None if self.content is None else self.text(index)
+            calls = [call_for_template(where, j, c) for j, c in enumerate(self.tool_calls)]
+            return {"role": role, "content": content, "tool_calls": calls}
+        out: dict[str, Any] = {"role": role, "content": self.text(index)}
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template takes them; developer messages count as system ones."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-        for i, m in enumerate(messages)
-    ]
+
+def call_for_template(where: str, index: int, call: ToolCall) -> dict[str, Any]:
+    """A tool call of the history with its arguments parsed, as templates (and vLLM) expect them."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        raise ParamError(
+            "messages", f"{where}.tool_calls[{index}].function.arguments is not valid JSON"
+        ) from None
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON Schema for the arguments object (absent: any object)."""
+    strict: bool | None = None
+    """Accepted for OpenAI's SDK; a forced call always follows `parameters`."""
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them (transformers' convention for tool calls: arguments as
+    an object); developer messages count as system ones."""
+    return [m.for_template(i) for i, m in enumerate(messages)]
 
 
 class ChatCompletionRequest(_Generation):
@@ -170,13 +258,13 @@ class ChatCompletionRequest(_Generation):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    # Tools (server/api/tools.py)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # Declared only to be refused by name.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None
@@ -184,10 +272,6 @@ class ChatCompletionRequest(_Generation):
     web_search_options: Any = None
 
     def _unsupported(self) -> str | None:
-        if self.tools:
-            return "tools"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice"
         for name in (
             "functions",
             "function_call",
@@ -198,13 +282,11 @@ class ChatCompletionRequest(_Generation):
         ):
             if getattr(self, name) is not None:
                 return name
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format"
         if self.modalities is not None and self.modalities != ["text"]:
             return "modalities"
         return None
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise ParamError("messages", "messages must not be empty")
         return template_messages(self.messages)

@@ -17,6 +17,7 @@ from fastapi import Request
 from server.api.errors import APIError
 from server.engine.outputs import Delta, EngineStats, Finished, StepStats
 from server.engine.params import SamplingParams
+from server.engine.structured import CompiledGrammar, Constraint
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -46,6 +47,8 @@ class EngineClient(Protocol):
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None: ...
 
+    def add_compile_listener(self, listener: Callable[[float], None]) -> None: ...
+
     def start(self) -> None: ...
 
     def stop_admitting(self) -> None: ...
@@ -58,11 +61,21 @@ class EngineClient(Protocol):
 
     async def encode(self, text: str) -> list[int]: ...
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]: ...
 
     async def decode(self, ids: list[int]) -> str: ...
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> EngineStream: ...
+    async def compile_grammar(self, constraint: Constraint) -> CompiledGrammar: ...
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        grammar: CompiledGrammar | None = None,
+    ) -> EngineStream: ...
 
     def stats(self) -> EngineStats: ...
 

@@ -27,8 +27,9 @@ from server.engine.outputs import (
     StepStats,
     Timings,
 )
-from server.engine.params import SamplingParams
+from server.engine.params import ParamError, SamplingParams
 from server.engine.sequence import Request
+from server.engine.structured import CompiledGrammar, Constraint
 
 log = logging.getLogger("server.engine")
 
@@ -100,6 +101,10 @@ class AsyncEngine:
         """Call `listener` on the engine thread after every step (metrics); it must be quick."""
         self._step_listeners.append(listener)
 
+    def add_compile_listener(self, listener: Callable[[float], None]) -> None:
+        """Call `listener` with the seconds of each grammar compile (from a compile thread)."""
+        self.core.grammars.listeners.append(listener)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -131,6 +136,7 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
+        self.core.grammars.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -139,17 +145,46 @@ class AsyncEngine:
     async def encode(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
-    async def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         def render() -> list[int]:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), parse_special=True)
+            text = self.tokenizer.apply_chat_template(messages, tools=tools)
+            return self.tokenizer.encode(text, parse_special=True)
 
         return await asyncio.to_thread(render)
 
     async def decode(self, ids: list[int]) -> str:
         return await asyncio.to_thread(self.tokenizer.decode, ids)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> RequestStream:
-        """Validate and enqueue; raises ParamError, EngineOverloaded or EngineStopped at once."""
+    async def compile_grammar(self, constraint: Constraint) -> CompiledGrammar:
+        """Compile `constraint` in the compile pool (or take it from the cache), within the time limit.
+
+        Raises ParamError for a constraint that cannot be compiled or takes too long; a slow compile
+        holds only the requests that wait for it.
+        """
+        future = asyncio.wrap_future(self.core.grammars.submit(constraint))
+        # asyncio.wait, not wait_for: a timeout must not cancel the compile others may share.
+        await asyncio.wait({future}, timeout=self.config.grammar_compile_timeout)
+        if not future.done():
+            raise ParamError(
+                constraint.param,
+                f"{constraint.param}: compiling this constraint took longer than "
+                f"{self.config.grammar_compile_timeout:g} s; simplify it",
+            )
+        return future.result()
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        grammar: CompiledGrammar | None = None,
+    ) -> RequestStream:
+        """Validate and enqueue; raises ParamError, EngineOverloaded or EngineStopped at once.
+
+        `grammar` (from `compile_grammar`) constrains every choice's output.
+        """
         if not self._admitting or self._loop is None:
             raise EngineStopped("the server is shutting down")
         max_tokens = self.core.validate(prompt_ids, params)
@@ -165,6 +200,7 @@ class AsyncEngine:
             max_tokens=max_tokens,
             sink=events,
             timings=Timings(arrival=time.monotonic()),
+            grammar=grammar,
         )
         self._post(("add", request))
         return RequestStream(self, request, events)

@@ -49,5 +49,9 @@ class EngineConfig:
     enforce_eager: bool = knob(
         "run every step eagerly: no compiled decode graphs (faster start, slower decode)", False
     )
+    grammar_compile_timeout: float = knob(
+        "seconds a new JSON Schema, regex or grammar may take to compile before its request is refused (400)",
+        10.0,
+    )
     num_threads: int | None = knob("torch CPU threads (default: torch's)")
     seed: int = knob("engine seed for unseeded requests", 0)

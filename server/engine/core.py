@@ -32,6 +32,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampler import SampleRow, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, Status
+from server.engine.structured import GrammarCompiler, describe_error
 
 log = logging.getLogger("server.engine")
 
@@ -117,6 +118,7 @@ class LLMEngine:
             b or self.tokenizer.decode([i], skip_special_tokens=False).encode()
             for i, b in enumerate(self.tokenizer.token_bytes)
         ] + padding
+        self.grammars = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.eos_ids)
         self.runner.warm_up(lambda message: log.info("start-up: %s", message))
         self.requests: dict[int, Request] = {}
         self.steps = 0
@@ -151,6 +153,7 @@ class LLMEngine:
                 token_ids=list(request.prompt_ids),
                 detokenizer=IncrementalDetokenizer(bytes_table, params.stop),
                 generator=generator,
+                matcher=request.grammar.matcher() if request.grammar is not None else None,
             )
             request.sequences.append(seq)
             # Choices after the first wait for it to prefill the prompt they share.
@@ -164,6 +167,7 @@ class LLMEngine:
             seq.status = Status.FINISHED
         request.held_back.clear()
         for seq in request.sequences:
+            seq.matcher = None
             if not seq.is_finished:
                 self.scheduler.remove(seq)
         request.done = True
@@ -193,7 +197,14 @@ class LLMEngine:
             preempted=len(step.preempted),
             seconds=0.0,
         )
-        ready, logits = self.runner.execute(step)
+        # Grammar masks of the rows that sample this step, computed while the forward runs.
+        sampling = [s for s in step.sequences if s.matcher is not None and s.num_missing_tokens == 0]
+        masks = self.grammars.start_masks([s.matcher for s in sampling]) if sampling else None
+        try:
+            ready, logits = self.runner.execute(step)
+        finally:
+            if masks is not None:
+                masks.result()  # never leave a mask computation running past a failed step
         self.steps += 1
         for seq in step.sequences:
             self.blocks.register_computed(seq)
@@ -202,7 +213,13 @@ class LLMEngine:
             self._time_step(started)
             return []
         rows = [self._sample_row(s) for s in ready]
-        result = sample(logits, rows)
+        masked = [i for i, s in enumerate(ready) if s.matcher is not None]
+        allowed = None
+        if masks is not None:
+            row_of = {id(s): row for row, s in enumerate(sampling)}
+            mask_rows = [row_of[id(ready[i])] for i in masked]
+            allowed = self.grammars.allowed_tokens(masks, mask_rows, logits.device)
+        result = sample(logits, rows, masked, allowed)
         now = time.monotonic()
         outputs: list[Output] = []
         for i, seq in enumerate(ready):
@@ -266,13 +283,18 @@ class LLMEngine:
         if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
             seq.finish_reason, seq.stop_reason = "stop", token
         else:
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                return self._fail(request, f"the output left its grammar: {describe_error(seq.matcher)}")
             stop = seq.detokenizer.add(token)
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
+            elif seq.matcher is not None and seq.matcher.is_stopped():
+                seq.finish_reason = "stop"  # the grammar is complete: nothing but EOS could follow
             elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
         finished = seq.finish_reason is not None
         if finished:
+            seq.matcher = None
             seq.detokenizer.finish()
         delta = Delta(
             index=seq.index,

@@ -58,8 +58,15 @@ def _apply_penalties(logits: Tensor, rows: list[SampleRow], idx: list[int]) -> N
 
 
 @torch.inference_mode()
-def sample(logits: Tensor, rows: list[SampleRow]) -> SampleResult:
-    """Sample one token per row. `logits` may be modified in place."""
+def sample(
+    logits: Tensor, rows: list[SampleRow], masked_rows: list[int] | None = None, allowed: Tensor | None = None
+) -> SampleResult:
+    """Sample one token per row. `logits` may be modified in place.
+
+    `allowed` ([len(masked_rows), vocab], boolean) restricts rows `masked_rows` to those tokens (a
+    grammar's mask): disallowed logits become -inf first, so every other parameter (penalties,
+    temperature, top-k/p, min-p) applies within the allowed set. No row masked, no cost.
+    """
     logits = logits.float()
     n, vocab = logits.shape
     device = logits.device
@@ -68,6 +75,9 @@ def sample(logits: Tensor, rows: list[SampleRow]) -> SampleResult:
 
     want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+    if masked_rows and allowed is not None:
+        idx = torch.tensor(masked_rows, dtype=torch.long, device=device)
+        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 
     penalized = [
         i

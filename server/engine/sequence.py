@@ -17,6 +17,7 @@ import torch
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.outputs import Timings
 from server.engine.params import SamplingParams
+from server.engine.structured import CompiledGrammar
 
 
 class Status(enum.Enum):
@@ -36,6 +37,8 @@ class Request:
     sink: Any
     """Where this request's events go (the async facade's queue); the core never touches it."""
     timings: Timings
+    grammar: CompiledGrammar | None = None
+    """The constraint every choice's output must match (None: free text)."""
     sequences: list[Sequence] = field(default_factory=list)
     held_back: list[Sequence] = field(default_factory=list)
     """Choices 1..n-1, admitted once choice 0 has prefilled the prompt they share."""
@@ -56,6 +59,8 @@ class Sequence:
     token_ids: list[int]
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
+    matcher: Any = None
+    """This choice's grammar state (an llguidance matcher), advanced with each output token."""
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -10,8 +11,10 @@ from pydantic import ValidationError
 
 from server.api.errors import APIError, from_engine_exception, validation_error
 from server.api.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, LegacyLogprobs
+from server.api.structured import structured_output
 from server.engine.outputs import EngineError, EngineOverloaded, EngineStopped, TokenLogprob, TopLogprob
 from server.engine.params import ParamError, SamplingParams
+from server.engine.structured import Constraint
 
 
 def completion(**fields: Any) -> CompletionRequest:
@@ -78,9 +81,6 @@ def test_completion_param_errors_name_the_field(request_fields: dict[str, Any], 
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 99}, "top_logprobs"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
-        ({"tools": [{"type": "function"}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"modalities": ["text", "audio"]}, "modalities"),
     ],
 )
@@ -94,6 +94,23 @@ def test_harmless_openai_fields_are_accepted() -> None:
     request = chat(user="u", store=False, metadata={"k": "v"}, service_tier="auto", parallel_tool_calls=True,
                    response_format={"type": "text"}, tool_choice="none", modalities=["text"])  # fmt: skip
     assert request.sampling_params() == SamplingParams(max_tokens=None)
+
+
+def test_structured_fields_become_one_constraint() -> None:
+    assert structured_output(chat()) is None
+    assert structured_output(chat(response_format={"type": "text"})) is None
+    json_object = structured_output(chat(response_format={"type": "json_object"}))
+    assert json_object is not None and json_object.kind == "json_object"
+    assert json_object.constraint == Constraint("json_schema", '{"type":"object"}')
+    schema = {"type": "object", "properties": {"b": {}, "a": {}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    from_format = structured_output(chat(response_format=fmt))
+    from_guided = structured_output(completion(guided_json=json.dumps(schema, indent=2)))
+    assert from_format is not None and from_guided is not None
+    assert from_format.constraint == from_guided.constraint, "one cache entry, whichever field carried it"
+    assert from_format.constraint.source == '{"type":"object","properties":{"b":{},"a":{}}}', "key order kept"
+    choice = structured_output(completion(guided_choice=["x", "y"]))
+    assert choice is not None and (choice.kind, choice.constraint.param) == ("choice", "guided_choice")
 
 
 def test_prompt_shapes() -> None:

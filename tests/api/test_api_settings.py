@@ -25,14 +25,15 @@ def test_every_flag_maps_onto_engine_config() -> None:
         "--max-model-len", "256",
         "--kv-cache-tokens", "4096", "--kv-cache-memory", "2G", "--block-size", "32", "--max-num-seqs", "8",
         "--max-waiting", "3", "--prefill-chunk-tokens", "64", "--no-prefix-caching", "--deterministic",
-        "--enforce-eager", "--threads", "2", "--seed", "7",
+        "--enforce-eager", "--grammar-compile-timeout", "2.5", "--threads", "2", "--seed", "7",
     ]  # fmt: skip
     config = parse_settings(argv, env={}).engine_config()
     assert config == EngineConfig(
         model=Path("m"), device="cuda:1", dtype="bfloat16", quantization="int8", max_model_len=256,
         kv_cache_tokens=4096,
         kv_cache_memory=2 << 30, block_size=32, max_num_seqs=8, max_waiting=3, prefill_chunk_tokens=64,
-        enable_prefix_caching=False, deterministic=True, enforce_eager=True, num_threads=2, seed=7,
+        enable_prefix_caching=False, deterministic=True, enforce_eager=True, grammar_compile_timeout=2.5,
+        num_threads=2, seed=7,
     )  # fmt: skip
 
 
@@ -64,6 +65,7 @@ def test_every_settings_field_has_a_flag_and_an_env_var_in_help() -> None:
         (["--model", "m", "--max-num-seqs", "0"], {}),
         (["--model", "m", "--dtype", "int8"], {}),
         (["--model", "m", "--shutdown-grace-seconds", "-1"], {}),
+        (["--model", "m", "--grammar-compile-timeout", "0"], {}),
         (["--model", "m"], {"TINYSERVE_PORT": "eighty"}),
         (["--model", "m"], {"TINYSERVE_DEBUG_SOMETHING": "1", "TINYSERVE_DETERMINISTIC": "maybe"}),
         (["--model", "m"], {"TINYSERVE_DTYPE": "int8"}),

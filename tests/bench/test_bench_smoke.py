@@ -49,3 +49,22 @@ def test_engine_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) -> None
         assert positive(r["ratios"]["ours_over_transformers"])
         assert positive(r["ratios"]["ours_over_roofline"])
         assert positive(r["ratios"]["step_over_matmul_only"])
+
+
+def test_structured_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "structured.json"
+    command = [
+        *(sys.executable, "-m", "bench.structured", "--model", str(tiny_checkpoint), "--streams", "2"),
+        *("--prompt-tokens", "8", "--new-tokens", "12", "--threads", "1", "--repeats", "1"),
+        *("--enforce-eager", "--json", str(out)),
+    ]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "constrained / free" in proc.stdout
+    report = json.loads(out.read_text())
+    for run in ("free", "constrained"):
+        assert report["decode"][run]["decode_tokens"] == 2 * 11  # every row decoded the whole run
+        assert positive(report["decode"][run]["tokens_per_s"])
+    assert positive(report["decode"]["constrained"]["mask_ms_per_step"])
+    for key in ("new_schema_ms", "compile_ms", "cached_schema_ms"):
+        assert positive(report["ttft"][key]), key

@@ -10,6 +10,7 @@ from server.engine.core import LLMEngine
 from server.engine.outputs import Delta, EngineError, Finished, Timings
 from server.engine.params import SamplingParams
 from server.engine.sequence import Request
+from server.engine.structured import CompiledGrammar
 
 
 @dataclass
@@ -29,7 +30,9 @@ class Result:
         return next((d.finish_reason for d in self.deltas if d.index == index and d.finish_reason), None)
 
 
-def submit(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) -> Result:
+def submit(
+    engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, grammar: CompiledGrammar | None = None
+) -> Result:
     request = Request(
         request_id="test",
         prompt_ids=list(prompt_ids),
@@ -37,6 +40,7 @@ def submit(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams) -> 
         max_tokens=engine.validate(prompt_ids, params),
         sink=None,
         timings=Timings(arrival=time.monotonic()),
+        grammar=grammar,
     )
     engine.add(request)
     return Result(request)

@@ -77,8 +77,43 @@ def test_chat_template_renders_chatml(tok: Tokenizer) -> None:
 
 
 def test_chat_template_rejects_unknown_role(tok: Tokenizer) -> None:
-    with pytest.raises(TokenizerError, match="Unsupported role: tool"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="Unsupported role: narrator"):
+        tok.apply_chat_template([{"role": "narrator", "content": "x"}])
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now>",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+TOOL_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Nîmes"}}},
+    ]},
+    {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+    {"role": "tool", "tool_call_id": "c2", "content": "22C"},
+]  # fmt: skip
+
+
+def test_chat_template_renders_tools_calls_and_results(tok: Tokenizer) -> None:
+    text = tok.apply_chat_template(TOOL_TURNS, tools=TOOLS)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert (
+        '\n<tools>\n{"type": "function", "function": {"name": "get_weather", "description": "Weather <now>"'
+        in text
+    )
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        '\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Nîmes"}}'
+        "\n</tool_call><|im_end|>\n"
+    ) in text
+    assert text.endswith(
+        "<|im_start|>user\n<tool_response>\n20C\n</tool_response>\n<tool_response>\n22C\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert text.count("Be brief.") == 1
+    plain = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(plain, tools=[]) == tok.apply_chat_template(plain)
 
 
 def test_transformers_loads_it_as_is(tiny_checkpoint: Path, tok: Tokenizer) -> None:
@@ -93,6 +128,8 @@ def test_transformers_loads_it_as_is(tiny_checkpoint: Path, tok: Tokenizer) -> N
     assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
         tok.apply_chat_template(messages)
     )
+    rendered = hf.apply_chat_template(TOOL_TURNS, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert rendered == tok.apply_chat_template(TOOL_TURNS, tools=TOOLS)
 
 
 def test_save_load_round_trip(tok: Tokenizer, tmp_path: Path) -> None:
