@@ -209,7 +209,8 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except TemplateError as exc:
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            # A template's own errors on messages it did not expect (None content, a missing key).
             raise TokenizerError(f"chat template failed: {exc}") from None
 
     def save(self, directory: Path | str) -> None:

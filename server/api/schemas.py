@@ -198,7 +198,7 @@ class ChatMessage(_Strict):
             raise ParamError("messages", f"{where}: tool messages, and only they, need a tool_call_id")
         role = "system" if self.role == "developer" else self.role
         if self.role == "assistant" and self.tool_calls:
-            content = None if self.content is None else self.text(index)
+            content = "" if self.content is None else self.text(index)  # "": templates concatenate it
             calls = [call_for_template(where, j, c) for j, c in enumerate(self.tool_calls)]
             return {"role": role, "content": content, "tool_calls": calls}
         out: dict[str, Any] = {"role": role, "content": self.text(index)}

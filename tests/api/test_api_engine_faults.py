@@ -141,6 +141,12 @@ def test_refusing_chat_template_is_a_400(tiny_checkpoint: Path, tmp_path: Path) 
         with_system = [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]
         r = client.post("/v1/chat/completions", json={**user_only, "messages": with_system})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        # A template that knows nothing of tool calls still renders a history holding them.
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        history = [*with_system, {"role": "assistant", "content": None, "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "42"}]  # fmt: skip
+        r = client.post("/v1/chat/completions", json={**user_only, "messages": history})
+        assert r.status_code == 200, r.text
 
 
 def test_second_prompt_refused_aborts_the_first(tiny_checkpoint: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -79,6 +80,13 @@ def test_chat_template_renders_chatml(tok: Tokenizer) -> None:
 def test_chat_template_rejects_unknown_role(tok: Tokenizer) -> None:
     with pytest.raises(TokenizerError, match="Unsupported role: narrator"):
         tok.apply_chat_template([{"role": "narrator", "content": "x"}])
+
+
+def test_a_template_failing_on_its_input_is_a_tokenizer_error(tok: Tokenizer) -> None:
+    broken = copy.copy(tok)
+    broken.chat_template = "{{ messages[0]['content'] + 1 }}"
+    with pytest.raises(TokenizerError, match="chat template failed"):
+        broken.apply_chat_template([{"role": "user", "content": "x"}])
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now>",

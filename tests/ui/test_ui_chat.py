@@ -54,6 +54,8 @@ def configure(page: Any, **settings: Any) -> None:
             )
     if "max_tokens" in settings:
         page.fill("#max-tokens", str(settings["max_tokens"]))
+    if "json" in settings:
+        page.locator("#json-mode").set_checked(settings["json"])
     if "extra" in settings:
         page.locator("details.advanced summary").click()
         page.fill("#extra", json.dumps(settings["extra"]))
@@ -258,6 +260,54 @@ def test_model_html_is_shown_as_text_never_run(page: Any, ui_servers: dict[str, 
     assert page.evaluate("() => window.__pwned") is None
     assert page.locator(".messages img, .messages script, .messages iframe, .messages svg").count() == 0
     assert "<img src=x onerror=" in page.locator(REPLY).inner_text()
+
+
+def test_json_toggle_and_tool_call_blocks(page: Any, ui_servers: dict[str, RunningServer]) -> None:
+    server = ui_servers["open"]
+    open_chat(page, server)
+    bodies = chat_requests(page)
+    configure(page, json=True, max_tokens=40)
+    send(page, "Answer in JSON")
+    page.wait_for_selector(".msg.assistant.done")
+    assert bodies[-1]["response_format"] == {"type": "json_object"}
+    assert page.locator(REPLY).inner_text().startswith("{")
+    page.reload()  # the toggle is a saved setting
+    page.click("#settings-toggle")
+    assert page.locator("#json-mode").is_checked()
+    page.locator("#json-mode").set_checked(False)
+    page.click("#settings-close")
+
+    # A reply that calls tools (scripted, in OpenAI's chunk shape): each call is its own readable block.
+    arguments = '{"city": "<img src=x onerror=window.__pwned=7>", "days": [1, 2]}'
+    pieces = [
+        {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]},
+        {"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                         "function": {"name": "get_time", "arguments": "{}"}}]},
+    ]  # fmt: skip
+    events = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in pieces]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=stream),
+    )
+    send(page, "Weather and time?")
+    page.wait_for_selector(".msg.assistant.done")
+    blocks = page.locator(".msg.assistant:last-child .tool-call")
+    assert blocks.count() == 2
+    assert blocks.nth(0).locator(".tool-call-head").inner_text() == "Tool call: get_weather"
+    assert json.loads(blocks.nth(0).locator(".tool-call-args").inner_text()) == json.loads(arguments)
+    assert blocks.nth(1).locator(".tool-call-head").inner_text() == "Tool call: get_time"
+    assert "tool calls" in page.locator(".msg.assistant:last-child .meta").inner_text()
+    assert page.evaluate("() => window.__pwned") is None
+    # The calls go back to the model in the next request's history.
+    page.unroute("**/v1/chat/completions")
+    send(page, "Thanks")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant.done').length === 2")
+    reply = bodies[-1]["messages"][-2]
+    assert reply["role"] == "assistant" and [c["id"] for c in reply["tool_calls"]] == ["call_1", "call_2"]
 
 
 @contextmanager
