@@ -6,7 +6,9 @@
 (() => {
   const SETTINGS_KEY = "tinyserve.chat.settings"; // localStorage: nothing secret in it
   const API_KEY_KEY = "tinyserve.chat.apiKey"; // sessionStorage: dies with the tab
-  const DEFAULTS = Object.freeze({ system: "", temperature: 0.7, top_p: 1, max_tokens: 512, extra: "" });
+  const DEFAULTS = Object.freeze({
+    system: "", temperature: 0.7, top_p: 1, max_tokens: 512, json: false, extra: "",
+  });
   const NEAR_BOTTOM_PX = 80;
 
   const $ = (id) => document.getElementById(id);
@@ -125,6 +127,7 @@
     ui.temperature.value = state.settings.temperature;
     ui.topP.value = state.settings.top_p;
     ui.maxTokens.value = state.settings.max_tokens ?? "";
+    ui.jsonMode.checked = Boolean(state.settings.json);
     ui.extra.value = state.settings.extra;
     showSliderValues();
   }
@@ -136,6 +139,7 @@
       temperature: Number(ui.temperature.value),
       top_p: Number(ui.topP.value),
       max_tokens: max === "" ? null : Number(max),
+      json: ui.jsonMode.checked,
       extra: ui.extra.value,
     };
     showSliderValues();
@@ -263,8 +267,11 @@
     const system = state.settings.system.trim();
     if (system) messages.push({ role: "system", content: system });
     for (const turn of state.turns) {
-      if ((turn.status === "done" || turn.status === "stopped") && turn.reply) {
-        messages.push({ role: "user", content: turn.user }, { role: "assistant", content: turn.reply });
+      const calls = toolCalls(turn);
+      if ((turn.status === "done" || turn.status === "stopped") && (turn.reply || calls.length)) {
+        const reply = { role: "assistant", content: turn.reply || null };
+        if (calls.length) reply.tool_calls = calls;
+        messages.push({ role: "user", content: turn.user }, reply);
       }
     }
     messages.push({ role: "user", content: text });
@@ -326,6 +333,7 @@
       temperature: state.settings.temperature,
       top_p: state.settings.top_p,
       ...(state.settings.max_tokens ? { max_tokens: state.settings.max_tokens } : {}),
+      ...(state.settings.json ? { response_format: { type: "json_object" } } : {}),
       ...extra,
       model: state.model,
       messages: history(text),
@@ -390,8 +398,38 @@
       turn.reply += content;
       scheduleRender(turn);
     }
+    // Tool calls arrive as delta.tool_calls pieces (OpenAI's shape): id and name first, arguments after.
+    for (const piece of (choice.delta && choice.delta.tool_calls) || []) {
+      const call = (turn.calls[piece.index] ??= { id: "", name: "", arguments: "" });
+      if (piece.id) call.id = piece.id;
+      if (piece.function && piece.function.name) call.name += piece.function.name;
+      if (piece.function && piece.function.arguments) call.arguments += piece.function.arguments;
+      if (turn.firstAt === undefined) turn.firstAt = performance.now();
+      scheduleRender(turn);
+    }
     if (choice.finish_reason) turn.finishReason = choice.finish_reason;
     return true;
+  }
+
+  // A turn's tool calls in OpenAI's message shape (for the history).
+  function toolCalls(turn) {
+    return turn.calls.filter(Boolean).map((c) => ({
+      id: c.id, type: "function", function: { name: c.name, arguments: c.arguments },
+    }));
+  }
+
+  // One readable block per tool call: the function's name, then its arguments pretty-printed (as text).
+  function toolCallBlock(call) {
+    const block = el("div", "tool-call");
+    block.append(el("div", "tool-call-head", `Tool call: ${call.name || "(unnamed)"}`));
+    let args = call.arguments;
+    try {
+      args = JSON.stringify(JSON.parse(call.arguments), null, 2);
+    } catch {
+      // Not (yet) valid JSON: shown as it came.
+    }
+    block.append(el("pre", "tool-call-args", args));
+    return block;
   }
 
   function stop() {
@@ -420,7 +458,7 @@
 
   function addTurn(text) {
     ui.empty.hidden = true;
-    const turn = { user: text, reply: "", status: "streaming", chunks: 0, usage: null, nodes: {} };
+    const turn = { user: text, reply: "", calls: [], status: "streaming", chunks: 0, usage: null, nodes: {} };
     const user = el("div", "msg user");
     user.append(el("div", "who", "You"), el("div", "bubble", text));
     const bot = el("div", "msg assistant streaming");
@@ -449,6 +487,7 @@
   function renderReply(turn) {
     const wasNear = nearBottom();
     renderMarkdown(turn.nodes.body, turn.reply);
+    turn.nodes.body.append(...turn.calls.filter(Boolean).map(toolCallBlock));
     keepBottom(wasNear);
   }
 
@@ -462,7 +501,7 @@
     const { bot, body, meta } = turn.nodes;
     bot.classList.remove("streaming");
     bot.classList.add(status);
-    if (turn.reply) renderReply(turn);
+    if (turn.reply || turn.calls.length) renderReply(turn);
     else if (error) body.hidden = true; // the error box below says what happened
     else body.replaceChildren(el("span", "empty-reply", "(empty reply)"));
     meta.replaceChildren(...statsLine(turn));
@@ -498,6 +537,7 @@
     }
     if (turn.status === "stopped") parts.push("stopped");
     else if (turn.finishReason === "length") parts.push("max tokens reached");
+    else if (turn.finishReason === "tool_calls") parts.push("tool calls");
     return parts.map((p) => el("span", "stat", p));
   }
 
@@ -557,6 +597,7 @@
       topP: $("top-p"),
       topPValue: $("top-p-value"),
       maxTokens: $("max-tokens"),
+      jsonMode: $("json-mode"),
       extra: $("extra"),
       extraError: $("extra-error"),
       keyForm: $("key-form"),
@@ -588,6 +629,7 @@
     for (const input of [ui.system, ui.temperature, ui.topP, ui.maxTokens, ui.extra]) {
       input.addEventListener("input", saveSettings);
     }
+    ui.jsonMode.addEventListener("change", saveSettings);
     ui.settingsReset.addEventListener("click", () => {
       try {
         localStorage.removeItem(SETTINGS_KEY);
