@@ -200,10 +200,11 @@ class LLMEngine:
         for i, seq in enumerate(ready):
             if seq.request.done:
                 continue
-            if not result.finite[i]:
+            error = result.errors[i]
+            if error is not None:
                 for s in seq.request.sequences:
                     self.blocks.forget(s)
-                outputs.extend(self._fail(seq.request, "the model produced non-finite logits"))
+                outputs.extend(self._fail(seq.request, error))
                 continue
             outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))
         self._time_step(started)

@@ -18,6 +18,8 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-5
+"""A temperature under this is greedy (vLLM's threshold): dividing logits by it would overflow float32."""
 
 
 class ParamError(ValueError):
@@ -55,7 +57,10 @@ class SamplingParams:
     """How to sample one request's continuations. Construction validates and normalizes.
 
     Defaults follow OpenAI/vLLM. `max_tokens=None` means "up to the context length".
-    `top_k` of 0 or -1 and `top_p` of 1 disable those filters; `temperature` 0 is greedy.
+    `top_k` of 0 or -1 and `top_p` of 1 disable those filters; `temperature` 0 is greedy, and so is
+    any temperature below GREEDY_BELOW. `top_p` keeps the smallest set of most likely tokens whose
+    probability reaches it, and never fewer than one: a top_p too small for float32 (it rounds to 0
+    below about 1e-45) keeps only the most likely token.
     `logprobs` is the number of alternatives reported per token (None: no logprobs at all).
     """
 
@@ -89,7 +94,8 @@ class SamplingParams:
             raise ParamError(
                 "min_tokens", f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})"
             )
-        put("temperature", _number("temperature", self.temperature, 0.0, 2.0))
+        temperature = _number("temperature", self.temperature, 0.0, 2.0)
+        put("temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         put("top_p", _number("top_p", self.top_p, 0.0, 1.0, lo_open=True))
         top_k = _integer("top_k", self.top_k, -1, 2**31 - 1)
         put("top_k", max(top_k, 0))
