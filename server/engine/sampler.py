@@ -164,3 +164,23 @@ def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> tuple[Tensor, Tensor]
     total = probs.sum(dim=-1)
     return (probs / noise).max(dim=-1).indices, total.isfinite() & (total > 0)
 
+
+@torch.inference_mode()
+def score(
+    logits: Tensor, targets: list[int], k: int
+) -> tuple[list[float], list[int], list[list[tuple[int, float]]]] | None:
+    """Prompt scoring: row j's log-probability of `targets[j]`, its rank (1: the most likely) and the
+    `k` most likely tokens with theirs. None if the logits are not all finite."""
+    logits = logits.float()
+    if not bool(logits.isfinite().all()):
+        return None
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top = logprobs.topk(k, dim=-1) if k else None
+    alternatives = (
+        [list(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+        if top is not None
+        else [[] for _ in targets]
+    )
+    return chosen.squeeze(1).tolist(), ranks.tolist(), alternatives
