@@ -6,7 +6,7 @@ RUNTIME := $(VENV)/.runtime-stamp
 DEV := $(VENV)/.dev-stamp
 MODEL ?= weights/default
 
-.PHONY: install install-dev serve test test-tools lint weights clean
+.PHONY: install install-dev install-eval serve test test-tools lint weights clean
 
 # Torch first, pinned: a looser spec would pull the CUDA build and gigabytes with it.
 $(RUNTIME): pyproject.toml
@@ -24,6 +24,11 @@ $(DEV): $(RUNTIME)
 install: $(RUNTIME)
 
 install-dev: $(DEV)
+
+# lm-evaluation-harness for its test (tests/api/test_api_lm_eval.py, skipped loudly without it): kept out
+# of the dev extra because it roughly doubles the install (datasets, pandas, pyarrow, scikit-learn, ...).
+install-eval: install-dev
+	$(BIN)/python -m pip install -q -e '.[eval]'
 
 serve: install
 	$(BIN)/python -m server --model $(MODEL)
