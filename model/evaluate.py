@@ -55,13 +55,24 @@ def stream_nats(
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in _batched(windows, batch_size):
-        with autocast(device, dtype):
-            logits = model(inputs.to(device))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
-        total += loss.item()
+        total += token_nats(model, inputs, targets, device, dtype).sum().item()
         count += targets.numel()
     model.train(was_training)
     return total, count
+
+
+@torch.no_grad()
+def token_nats(
+    model: Transformer, inputs: Tensor, targets: Tensor, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """The loss (nats) of each target token given the inputs up to it: [B, T] in, [B, T] out.
+
+    Its negation is each token's log-probability under the model: what a server's prompt logprobs report.
+    """
+    with autocast(device, dtype):
+        logits = model(inputs.to(device))
+    flat = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="none")
+    return flat.view(targets.shape)
 
 
 def _batched(windows: list[tuple[Tensor, Tensor]], batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -69,6 +69,10 @@ assistant turn as `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`
 a user turn as `<tool_response>...</tool_response>`."""
 
 
+_BLANK = "\ue000"
+"""A private-use character: no tokenizer's special token is made of it."""
+
+
 class TokenizerError(ValueError):
     """A tokenizer that cannot be loaded or used; the message names the file and the problem."""
 
@@ -129,6 +133,11 @@ class Tokenizer:
         self.bos_token_id = self._id_of(bos_token)
         self.eos_token_id = self._id_of(eos_token)
         self.token_bytes = self._token_bytes()
+        spec = json.loads(tokenizer.to_str())
+        self.special_tokens = tuple(t["content"] for t in spec.get("added_tokens", []) if t.get("special"))
+        """The text of every special token (what untrusted text must not turn into)."""
+        self._special_ids = {self._tok.token_to_id(t) for t in self.special_tokens}
+        self._added_prefix, self._added_suffix = self._post_processor_ids()
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
@@ -150,14 +159,75 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def encode(self, text: str, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, parse_special: bool = False, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings count as text unless `parse_special`.
+        `add_special_tokens` adds what the tokenizer's post-processor puts around a text (a BOS, ...).
 
         Through `encode_batch`, which releases the GIL while it works (`encode` holds it: a megabyte
         prompt tokenized in a worker thread would stall the server's event loop for a second).
         """
         tok = self._tok if parse_special else self._plain
-        return tok.encode_batch([text], add_special_tokens=False)[0].ids
+        ids = tok.encode_batch([text], add_special_tokens=False)[0].ids
+        return self._with_added(ids) if add_special_tokens else ids
+
+    def _with_added(self, ids: list[int]) -> list[int]:
+        return [*self._added_prefix, *ids, *self._added_suffix]
+
+    def _post_processor_ids(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after a single text (none for ours; BOS for Llama)."""
+        bare = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for i in range(len(full) - len(bare) + 1):
+            if full[i : i + len(bare)] == bare:
+                return full[:i], full[i + len(bare) :]
+        return [], []
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        parse_special: bool = False,
+        add_special_tokens: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """The chat template's rendering of `messages` (and `tools`), as token ids.
+
+        Only the template makes special tokens: special-token text inside a message's content stays
+        text (unless `parse_special`), so a user cannot forge a turn. The template is rendered a second
+        time with that text blanked out (same length), which shows where the template's own special
+        tokens are; the rest is tokenized as text. Content without special-token text takes the plain
+        path (one tokenization of the whole rendering), so ordinary chats are tokenized as before.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
+        contents = [m.get("content") for m in messages]
+        if parse_special or not any(isinstance(c, str) and self._has_special(c) for c in contents):
+            return self.encode(text, parse_special=True, add_special_tokens=add_special_tokens)
+        blanked = [{**m, "content": self._blank_special(m["content"])} for m in messages]
+        skeleton = self.apply_chat_template(blanked, add_generation_prompt, tools)
+        if len(skeleton) != len(text):
+            raise TokenizerError("the chat template changes message content in a way we cannot follow")
+        encoding = self._tok.encode_batch([skeleton], add_special_tokens=False)[0]
+        ids: list[int] = []
+        end = 0
+        for token_id, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token_id not in self._special_ids:
+                continue
+            ids += self.encode(text[end:start]) if start > end else []
+            ids.append(token_id)
+            end = stop
+        ids += self.encode(text[end:]) if end < len(text) else []
+        return self._with_added(ids) if add_special_tokens else ids
+
+    def _has_special(self, text: str) -> bool:
+        return any(t in text for t in self.special_tokens)
+
+    def _blank_special(self, text: Any) -> Any:
+        """`text` with each special token's text replaced by as many private-use characters."""
+        if not isinstance(text, str):
+            return text
+        for token in self.special_tokens:
+            text = text.replace(token, _BLANK * len(token))
+        return text
 
     def encode_batch(self, texts: list[str], parse_special: bool = False) -> list[list[int]]:
         tok = self._tok if parse_special else self._plain

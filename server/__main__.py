@@ -70,6 +70,7 @@ def _run(settings: Settings, sockets: list[socket.socket], engine: Any) -> int:
     from sse_starlette.sse import AppStatus
 
     from server.api.app import create_app, drain
+    from server.api.protocol import ConnectionLimits
 
     # Our drain ends the streams itself; sse-starlette must not cancel them on the first signal.
     AppStatus.disable_automatic_graceful_drain()
@@ -128,6 +129,11 @@ def _run(settings: Settings, sockets: list[socket.socket], engine: Any) -> int:
                 )  # fmt: skip
 
     app = create_app(settings, engine)
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout,
+        max_connections=settings.max_connections,
+    )
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -135,6 +141,7 @@ def _run(settings: Settings, sockets: list[socket.socket], engine: Any) -> int:
         lifespan="on",
         ws="none",
         timeout_graceful_shutdown=UVICORN_SHUTDOWN_SECONDS,
+        **limits.uvicorn_options(),
     )
     server = Server(config)
     server.run(sockets=sockets)

@@ -172,6 +172,24 @@ class Settings:
     max_body_bytes: int = field(
         default=8 << 20, metadata=flag("largest request body accepted (413 beyond)", type=byte_size)
     )
+    max_header_bytes: int = field(
+        default=16 << 10,
+        metadata=flag("largest request line and headers accepted (431 beyond)", type=byte_size),
+    )
+    header_timeout: float = field(
+        default=10.0,
+        metadata=flag(
+            "seconds a request's line and headers may take to arrive (408 beyond)", type=positive_float
+        ),
+    )
+    body_timeout: float = field(
+        default=60.0,
+        metadata=flag("seconds a request's body may take to arrive (408 beyond)", type=positive_float),
+    )
+    max_connections: int = field(
+        default=512,
+        metadata=flag("most open connections; each one beyond is answered 503 and closed", type=positive_int),
+    )
     log_prompts: bool = field(default=False, metadata=flag("log prompts and outputs (off: never logged)"))
     log_level: str = field(default="info", metadata=flag("logging level", choices=LOG_LEVELS))
 

@@ -88,7 +88,11 @@ def create_app(settings: Settings, engine: EngineClient) -> FastAPI:
                 APIKeyMiddleware, api_key=settings.api_key, metrics_without_auth=settings.metrics_without_auth
             )
         )
-    middleware.append(Middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes))
+    middleware.append(
+        Middleware(
+            BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout
+        )
+    )
 
     app = FastAPI(title="tinyserve", version="0.1.0", lifespan=lifespan, middleware=middleware)
     app.state.server = state

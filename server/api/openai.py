@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.api import tools
-from server.api.request import Choice, GenerationRequest
+from server.api.request import Choice, GenerationRequest, encode
 from server.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -21,14 +21,23 @@ from server.api.schemas import (
     LegacyLogprobs,
     TokenizeRequest,
     chat_logprobs,
+    prompt_logprobs,
     template_messages,
 )
 from server.api.state import state_of
 from server.api.structured import structured_output
-from server.engine.outputs import Delta
+from server.engine.outputs import Delta, TokenLogprob
 from server.engine.params import ParamError
 
 router = APIRouter()
+
+
+def _token_ids(param: str, ids: list[int], vocab: int) -> list[int]:
+    """`ids`, if all are in the vocabulary (the tokenizer cannot decode the others)."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ParamError(param, f"token id {bad} is outside the vocabulary (size {vocab})")
+    return ids
 
 
 def _nothing_new(delta: Delta) -> bool:
@@ -36,12 +45,17 @@ def _nothing_new(delta: Delta) -> bool:
 
 
 class CompletionFormat:
-    """/v1/completions: text choices with OpenAI's legacy logprobs."""
+    """/v1/completions: text choices with OpenAI's legacy logprobs; `echo` puts each choice's prompt
+    (and, with logprobs, its scored tokens) before its text; vLLM's `prompt_logprobs` on request."""
 
     object = chunk_object = "text_completion"
 
-    def __init__(self, logprobs: bool) -> None:
+    def __init__(self, n: int, logprobs: bool, echo: list[str] | None, prompt_logprobs: bool) -> None:
+        self.n = n
         self.logprobs = logprobs
+        self.echo = echo
+        """Each prompt's text, when echoed."""
+        self.prompt_logprobs = prompt_logprobs
         self.trackers: dict[int, LegacyLogprobs] = {}
         """Per streamed choice: its logprobs' text offsets run on across chunks."""
 
@@ -49,18 +63,36 @@ class CompletionFormat:
         return []
 
     def chunk_choice(self, index: int, delta: Delta) -> dict[str, Any] | None:
-        if _nothing_new(delta):
+        first = index not in self.trackers
+        tracker = self.trackers.setdefault(index, LegacyLogprobs())
+        if _nothing_new(delta) and not (first and (self.echo is not None or delta.prompt_logprobs)):
             return None
-        logprobs = None
-        if self.logprobs:
-            logprobs = self.trackers.setdefault(index, LegacyLogprobs()).render(delta.logprobs or [])
-        return {"index": index, "text": delta.text, "logprobs": logprobs,
-                "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}  # fmt: skip
+        choice = self._render(index, delta.text, delta.logprobs or [], delta.prompt_logprobs, first, tracker)
+        return {**choice, "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
 
     def body_choice(self, index: int, choice: Choice) -> dict[str, Any]:
-        return {"index": index, "text": choice.text,
-                "logprobs": LegacyLogprobs().render(choice.logprobs) if self.logprobs else None,
-                "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}  # fmt: skip
+        rendered = self._render(
+            index, choice.text, choice.logprobs, choice.prompt_logprobs, True, LegacyLogprobs()
+        )
+        return {**rendered, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
+
+    def _render(
+        self,
+        index: int,
+        text: str,
+        logprobs: list[TokenLogprob],
+        scored: list[TokenLogprob] | None,
+        first: bool,
+        tracker: LegacyLogprobs,
+    ) -> dict[str, Any]:
+        """Text and logprobs of a choice's output; on its `first` output, the echoed prompt before them."""
+        if first and self.echo is not None:
+            text = self.echo[index // self.n] + text
+            logprobs = (scored or []) + logprobs
+        out = {"index": index, "text": text, "logprobs": tracker.render(logprobs) if self.logprobs else None}
+        if self.prompt_logprobs and first:
+            out["prompt_logprobs"] = prompt_logprobs(scored or [])
+        return out
 
 
 class ChatFormat:
@@ -109,9 +141,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     params = body.sampling_params()
     prompts = body.prompts()
     structured = structured_output(body)
-    fmt = CompletionFormat(logprobs=params.logprobs is not None)
+    echo = None
+    if body.echo:
+        vocab = state.engine.vocab_size
+        echo = [
+            p if isinstance(p, str) else await state.engine.decode(_token_ids("prompt", p, vocab))
+            for p in prompts
+        ]
+    fmt = CompletionFormat(
+        params.n, params.logprobs is not None, echo, prompt_logprobs=body.prompt_logprobs is not None
+    )
     generation = await GenerationRequest.start(
-        state, request, "cmpl", params, prompts=prompts, structured=structured
+        state, request, "cmpl", params, body.tokenization(), prompts=prompts, structured=structured
     )
     return generation.response(fmt, stream=body.stream, include_usage=body.include_usage)
 
@@ -132,7 +173,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         structured = use.structured()
     fmt = ChatFormat(params.n, logprobs=params.logprobs is not None, tool_calls=use is not None)
     generation = await GenerationRequest.start(
-        state, request, "chatcmpl", params, messages=messages, renamed=body.renamed,
+        state, request, "chatcmpl", params, body.tokenization(), messages=messages, renamed=body.renamed,
         tools=use.template_tools() if use is not None else None, structured=structured,
     )  # fmt: skip
     return generation.response(fmt, stream=body.stream, include_usage=body.include_usage)
@@ -157,17 +198,13 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
         state.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise ParamError("prompt", "give exactly one of prompt and messages")
+    how = body.tokenization()
     if body.messages is not None:
         if not body.messages:
             raise ParamError("messages", "messages must not be empty")
-        messages = template_messages(body.messages)
-        try:
-            tokens = await state.engine.encode_chat(messages)
-        except ValueError as exc:  # a chat template that refuses the messages: a 400, as for chat
-            raise ParamError("messages", str(exc)) from None
+        tokens = await encode(state.engine, how, template_messages(body.messages))
     else:
-        assert body.prompt is not None
-        tokens = await state.engine.encode(body.prompt)
+        tokens = await encode(state.engine, how, body.prompt)
     return {"count": len(tokens), "max_model_len": state.engine.max_model_len, "tokens": tokens}
 
 
@@ -176,11 +213,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any
     state = state_of(request)
     if body.model is not None:
         state.check_model(body.model)
-    vocab = state.engine.vocab_size
-    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise ParamError("tokens", f"token id {bad} is outside the vocabulary (size {vocab})")
-    return {"prompt": await state.engine.decode(body.tokens)}
+    return {"prompt": await state.engine.decode(_token_ids("tokens", body.tokens, state.engine.vocab_size))}
 
 
 @router.get("/health")

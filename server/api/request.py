@@ -33,8 +33,8 @@ from starlette.types import Receive, Scope, Send
 
 from server.api import telemetry
 from server.api.errors import APIError, from_engine_exception
-from server.api.schemas import usage
-from server.api.state import EngineStream, ServerState
+from server.api.schemas import Tokenization, usage
+from server.api.state import EngineClient, EngineStream, ServerState
 from server.api.structured import Structured
 from server.engine.outputs import (
     Delta,
@@ -74,6 +74,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def text(self) -> str:
@@ -81,6 +82,8 @@ class Choice:
 
     def add(self, delta: Delta) -> None:
         self.texts.append(delta.text)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
         if delta.finish_reason is not None:
@@ -159,6 +162,27 @@ class _Served(Response):
         await self._run(scope, receive, send)
 
 
+async def encode(
+    engine: EngineClient,
+    how: Tokenization,
+    prompt: str | list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """A text prompt's or a chat's (messages, and the tools its template renders) token ids under `how`:
+    generation and /tokenize alike.
+
+    The tokenizer's own refusals (a chat template that refuses the messages) are 400s.
+    """
+    try:
+        if isinstance(prompt, str):
+            return await engine.encode(prompt, how.parse_special, how.add_special_tokens)
+        return await engine.encode_chat(
+            prompt, how.add_generation_prompt, how.parse_special, how.add_special_tokens, tools
+        )
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt" if isinstance(prompt, str) else "messages") from None
+
+
 async def _until_disconnected(receive: Receive) -> None:
     """Return when the client has gone (the body has been read already, so nothing else calls receive)."""
     while (await receive())["type"] != "http.disconnect":
@@ -192,6 +216,7 @@ class GenerationRequest:
         http: Request,
         prefix: str,
         params: SamplingParams,
+        tokenization: Tokenization,
         *,
         prompts: list[str | list[int]] | None = None,
         messages: list[dict[str, Any]] | None = None,
@@ -211,17 +236,14 @@ class GenerationRequest:
         self = cls(state, http, prefix, params)
         engine = state.engine
         grammar = None if structured is None else await engine.compile_grammar(structured.constraint)
-        try:
-            if messages is not None:
-                self.prompts = messages
-                prompt_ids = [await engine.encode_chat(messages, tools)]
-            else:
-                self.prompts = prompts or []
-                texts = [p for p in self.prompts if isinstance(p, str)]
-                encoded = iter(await asyncio.gather(*map(engine.encode, texts)))
-                prompt_ids = [next(encoded) if isinstance(p, str) else p for p in self.prompts]
-        except ValueError as exc:  # the tokenizer's own errors (a chat template that refuses the messages)
-            raise APIError(400, str(exc), param="messages" if messages is not None else "prompt") from None
+        if messages is not None:
+            self.prompts = messages
+            prompt_ids = [await encode(engine, tokenization, messages, tools)]
+        else:
+            self.prompts = prompts or []
+            texts = [p for p in self.prompts if isinstance(p, str)]
+            encoded = iter(await asyncio.gather(*(encode(engine, tokenization, t) for t in texts)))
+            prompt_ids = [next(encoded) if isinstance(p, str) else p for p in self.prompts]
         try:
             for i, ids in enumerate(prompt_ids):
                 rid = self.id if len(prompt_ids) == 1 else f"{self.id}-{i}"

@@ -9,6 +9,7 @@ Responses are plain dicts: they are built per token on the streaming path, where
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -31,6 +32,35 @@ def check_unicode(param: str, text: str) -> str:
             param, f"{param} is not valid Unicode: lone surrogate at character {exc.start}"
         ) from None
     return text
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """How a request's text becomes token ids: one policy for completions, chat and /tokenize.
+
+    `parse_special`: whether special-token text (`<|im_end|>`) becomes special tokens. A completions
+    prompt is raw model input (yes, as vLLM and llama.cpp); chat content is text (no: only the chat
+    template makes special tokens, so a message cannot forge a turn). `add_special_tokens`: whether
+    the tokenizer's post-processor adds its tokens (a BOS) around the text, as vLLM's flag of that
+    name (completions: yes; chat: no, the template has them).
+    """
+
+    parse_special: bool
+    add_special_tokens: bool
+    add_generation_prompt: bool = True
+
+    @classmethod
+    def for_prompt(cls, parse_special: bool | None, add_special_tokens: bool | None) -> Tokenization:
+        return cls(parse_special is not False, add_special_tokens is not False)
+
+    @classmethod
+    def for_chat(
+        cls,
+        parse_special: bool | None,
+        add_special_tokens: bool | None,
+        add_generation_prompt: bool | None = None,
+    ) -> Tokenization:
+        return cls(bool(parse_special), bool(add_special_tokens), add_generation_prompt is not False)
 
 
 class _Strict(BaseModel):
@@ -84,6 +114,9 @@ class _Generation(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    add_special_tokens: bool | None = None
+    # ours (llama.cpp's name): whether special-token text in the prompt or messages is parsed
+    parse_special: bool | None = None
 
     _PASSED: ClassVar[tuple[str, ...]] = (
         "n", "temperature", "top_p", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
@@ -112,6 +145,7 @@ class CompletionRequest(_Generation):
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the top alternatives at each prompt position
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list, each a string or token ids; shape errors as ParamError."""
@@ -130,11 +164,12 @@ class CompletionRequest(_Generation):
                 check_unicode("prompt", p)
         return prompts
 
+    def tokenization(self) -> Tokenization:
+        return Tokenization.for_prompt(self.parse_special, self.add_special_tokens)
+
     def sampling_params(self) -> SamplingParams:
         """Validate everything not tied to the model; raise ParamError naming the field."""
         self._check_common()
-        if self.echo:
-            raise ParamError("echo", "echo is not supported")
         if self.suffix:
             raise ParamError("suffix", "suffix is not supported")
         kwargs = self._sampling_kwargs()
@@ -144,6 +179,12 @@ class CompletionRequest(_Generation):
             kwargs["max_tokens"] = self.max_tokens
         if self.logprobs is not None:
             kwargs["logprobs"] = self.logprobs
+        scored = self.prompt_logprobs
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            # Echoed logprobs score the prompt (in its own prefill); max_tokens 0 scores nothing else.
+            scored = max(scored or 0, self.logprobs or 0)
+        if scored is not None:
+            kwargs["prompt_logprobs"] = scored
         return SamplingParams(**kwargs)
 
 
@@ -286,6 +327,9 @@ class ChatCompletionRequest(_Generation):
             return "modalities"
         return None
 
+    def tokenization(self) -> Tokenization:
+        return Tokenization.for_chat(self.parse_special, self.add_special_tokens)
+
     def chat_messages(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise ParamError("messages", "messages must not be empty")
@@ -326,11 +370,22 @@ class TokenizeRequest(_Strict):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
+    parse_special: bool | None = None
 
     @field_validator("prompt")
     @classmethod
     def _unicode(cls, prompt: str | None) -> str | None:
         return prompt if prompt is None else check_unicode("prompt", prompt)
+
+    def tokenization(self) -> Tokenization:
+        """A prompt is tokenized as completions would, messages as chat would (vLLM's defaults)."""
+        if self.messages is not None:
+            return Tokenization.for_chat(
+                self.parse_special, self.add_special_tokens, self.add_generation_prompt
+            )
+        if self.add_generation_prompt is not None:
+            raise ParamError("add_generation_prompt", "add_generation_prompt applies to messages only")
+        return Tokenization.for_prompt(self.parse_special, self.add_special_tokens)
 
 
 class DetokenizeRequest(_Strict):
@@ -360,6 +415,7 @@ class LegacyLogprobs:
         self.offset = 0
 
     def render(self, items: list[TokenLogprob]) -> dict[str, Any]:
+        """Echoed prompt tokens come first; the first has no logprob and no alternatives (null)."""
         offsets = []
         for item in items:
             offsets.append(self.offset)
@@ -367,9 +423,28 @@ class LegacyLogprobs:
         return {
             "tokens": [t.token for t in items],
             "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [{alt.token: alt.logprob for alt in t.top} for t in items],
+            "top_logprobs": [
+                None if t.logprob is None else {alt.token: alt.logprob for alt in t.top} for t in items
+            ],
             "text_offset": offsets,
         }
+
+
+def prompt_logprobs(items: list[TokenLogprob]) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, {token id: {logprob, rank, decoded_token}} for the
+    token itself and the top alternatives; null for the first token."""
+    out: list[dict[str, Any] | None] = []
+    for t in items:
+        if t.logprob is None:
+            out.append(None)
+            continue
+        entry = {str(t.token_id): {"logprob": t.logprob, "rank": t.rank, "decoded_token": t.token}}
+        for rank, alt in enumerate(t.top, 1):
+            entry.setdefault(
+                str(alt.token_id), {"logprob": alt.logprob, "rank": rank, "decoded_token": alt.token}
+            )
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:

@@ -59,10 +59,15 @@ class EngineClient(Protocol):
 
     def shutdown(self) -> None: ...
 
-    async def encode(self, text: str) -> list[int]: ...
+    async def encode(self, text: str, parse_special: bool, add_special_tokens: bool) -> list[int]: ...
 
     async def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        parse_special: bool,
+        add_special_tokens: bool,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]: ...
 
     async def decode(self, ids: list[int]) -> str: ...

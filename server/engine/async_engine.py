@@ -142,17 +142,29 @@ class AsyncEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    async def encode(self, text: str) -> list[int]:
-        return await asyncio.to_thread(self.tokenizer.encode, text)
+    async def encode(
+        self, text: str, parse_special: bool = False, add_special_tokens: bool = False
+    ) -> list[int]:
+        """`Tokenizer.encode` in a worker thread (by default special-token text is text)."""
+        return await asyncio.to_thread(self.tokenizer.encode, text, parse_special, add_special_tokens)
 
     async def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        parse_special: bool = False,
+        add_special_tokens: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        def render() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools)
-            return self.tokenizer.encode(text, parse_special=True)
-
-        return await asyncio.to_thread(render)
+        """`Tokenizer.encode_chat` in a worker thread (only the template makes special tokens)."""
+        return await asyncio.to_thread(
+            self.tokenizer.encode_chat,
+            messages,
+            add_generation_prompt,
+            parse_special,
+            add_special_tokens,
+            tools,
+        )
 
     async def decode(self, ids: list[int]) -> str:
         return await asyncio.to_thread(self.tokenizer.decode, ids)

@@ -28,8 +28,8 @@ from server.engine.outputs import (
     TopLogprob,
 )
 from server.engine.params import ParamError, SamplingParams
-from server.engine.runner import ModelRunner
-from server.engine.sampler import SampleRow, sample
+from server.engine.runner import ModelRunner, PromptLogits
+from server.engine.sampler import NON_FINITE_LOGITS, SampleRow, sample, score
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, Status
 from server.engine.structured import GrammarCompiler, describe_error
@@ -142,6 +142,8 @@ class LLMEngine:
     def add(self, request: Request) -> None:
         self.requests[id(request)] = request  # first: if anything below fails, fail_all still reaches it
         params = request.params
+        if params.prompt_logprobs is not None:  # the first prompt token is reported, with no logprob
+            request.prompt_logprobs.append(self._logprob(request.prompt_ids[0], (None, [])))
         bytes_table = self.token_bytes if params.skip_special_tokens else self.token_bytes_with_special
         for index in range(params.n):
             generator = None
@@ -201,17 +203,20 @@ class LLMEngine:
         sampling = [s for s in step.sequences if s.matcher is not None and s.num_missing_tokens == 0]
         masks = self.grammars.start_masks([s.matcher for s in sampling]) if sampling else None
         try:
-            ready, logits = self.runner.execute(step)
+            ready, logits, prompt = self.runner.execute(step)
         finally:
             if masks is not None:
                 masks.result()  # never leave a mask computation running past a failed step
         self.steps += 1
+        outputs: list[Output] = []
+        for scored in prompt:
+            outputs.extend(self._score_prompt(scored))
         for seq in step.sequences:
             self.blocks.register_computed(seq)
             self._release_held_back(seq)
         if logits is None:
             self._time_step(started)
-            return []
+            return outputs
         rows = [self._sample_row(s) for s in ready]
         masked = [i for i, s in enumerate(ready) if s.matcher is not None]
         allowed = None
@@ -221,18 +226,34 @@ class LLMEngine:
             allowed = self.grammars.allowed_tokens(masks, mask_rows, logits.device)
         result = sample(logits, rows, masked, allowed)
         now = time.monotonic()
-        outputs: list[Output] = []
         for i, seq in enumerate(ready):
             if seq.request.done:
                 continue
-            if not result.finite[i]:
-                for s in seq.request.sequences:
-                    self.blocks.forget(s)
-                outputs.extend(self._fail(seq.request, "the model produced non-finite logits"))
-                continue
-            outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))
+            error = result.errors[i]
+            if error is not None:
+                outputs.extend(self._fail_suspect(seq.request, error))
+            elif seq.request.max_tokens == 0:  # the prompt was all it asked for
+                outputs.extend(self._append(seq, None, None, now))
+            else:
+                outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))
         self._time_step(started)
         return outputs
+
+    def _score_prompt(self, scored: PromptLogits) -> list[Output]:
+        """Record the log-probabilities of the prompt tokens these logits score (once each)."""
+        seq, request = scored.seq, scored.seq.request
+        if request.done:
+            return []
+        skip = len(request.prompt_logprobs) - (scored.first + 1)  # scored already, by another choice
+        logits = scored.logits[max(skip, 0) :]
+        first = scored.first + max(skip, 0)
+        targets = seq.token_ids[first + 1 : first + 1 + len(logits)]
+        result = score(logits, targets, request.params.prompt_logprobs or 0)
+        if result is None:
+            return self._fail_suspect(request, NON_FINITE_LOGITS)
+        for target, lp, rank, top in zip(targets, *result, strict=True):
+            request.prompt_logprobs.append(self._logprob(target, (lp, top), rank))
+        return []
 
     def _time_step(self, started: float) -> None:
         assert self.last_step is not None
@@ -261,48 +282,56 @@ class LLMEngine:
             banned_ids=banned,
         )
 
-    def _logprob(self, token_id: int, lp: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+    def _logprob(
+        self, token_id: int, lp: tuple[float | None, list[tuple[int, float]]], rank: int | None = None
+    ) -> TokenLogprob:
         def piece(t: int) -> tuple[str, list[int]]:
             raw = self.token_bytes_with_special[t]
             return raw.decode("utf-8", errors="replace"), list(raw)
 
         text, raw = piece(token_id)
         top = [TopLogprob(t, *piece(t)[:1], logprob=v, bytes=piece(t)[1]) for t, v in lp[1]]
-        return TokenLogprob(token_id=token_id, token=text, logprob=lp[0], bytes=raw, top=top)
+        return TokenLogprob(token_id=token_id, token=text, logprob=lp[0], bytes=raw, top=top, rank=rank)
 
     def _append(
-        self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None, now: float
+        self, seq: Sequence, token: int | None, lp: tuple[float, list[tuple[int, float]]] | None, now: float
     ) -> list[Output]:
+        """Add a sampled token to `seq` (None: a prompt-only request, which ends here); what it reports."""
         request, params = seq.request, seq.params
-        seq.token_ids.append(token)
-        timings = request.timings
-        if timings.first_token is None:
-            timings.first_token = now
-        if not timings.token_times or timings.token_times[-1] != now:
-            timings.token_times.append(now)
-        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-            seq.finish_reason, seq.stop_reason = "stop", token
+        if token is None:
+            seq.finish_reason = "length"
         else:
-            if seq.matcher is not None and not seq.matcher.consume_token(token):
-                return self._fail(request, f"the output left its grammar: {describe_error(seq.matcher)}")
-            stop = seq.detokenizer.add(token)
-            if stop is not None:
-                seq.finish_reason, seq.stop_reason = "stop", stop
-            elif seq.matcher is not None and seq.matcher.is_stopped():
-                seq.finish_reason = "stop"  # the grammar is complete: nothing but EOS could follow
-            elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.max_model_len:
-                seq.finish_reason = "length"
+            seq.token_ids.append(token)
+            timings = request.timings
+            if timings.first_token is None:
+                timings.first_token = now
+            if not timings.token_times or timings.token_times[-1] != now:
+                timings.token_times.append(now)
+            if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+                seq.finish_reason, seq.stop_reason = "stop", token
+            else:
+                if seq.matcher is not None and not seq.matcher.consume_token(token):
+                    return self._fail(request, f"the output left its grammar: {describe_error(seq.matcher)}")
+                stop = seq.detokenizer.add(token)
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                elif seq.matcher is not None and seq.matcher.is_stopped():
+                    seq.finish_reason = "stop"  # the grammar is complete: nothing but EOS could follow
+                elif seq.num_output_tokens >= request.max_tokens or seq.num_tokens >= self.max_model_len:
+                    seq.finish_reason = "length"
         finished = seq.finish_reason is not None
         if finished:
             seq.matcher = None
             seq.detokenizer.finish()
+        first = seq.num_output_tokens <= 1
         delta = Delta(
             index=seq.index,
             text=seq.detokenizer.delta(final=finished),
-            token_ids=[token],
-            logprobs=[self._logprob(token, lp)] if lp is not None else None,
+            token_ids=[] if token is None else [token],
+            logprobs=[self._logprob(token, lp)] if lp is not None and token is not None else None,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
+            prompt_logprobs=request.prompt_logprobs if first and params.prompt_logprobs is not None else None,
         )
         outputs: list[Output] = [(request, delta)]
         if finished:
@@ -321,6 +350,12 @@ class LLMEngine:
             cached_tokens=request.cached_tokens,
             timings=request.timings,
         )
+
+    def _fail_suspect(self, request: Request, message: str) -> list[Output]:
+        """Fail a request whose numbers went wrong; its cache content must serve no later prompt."""
+        for seq in request.sequences:
+            self.blocks.forget(seq)
+        return self._fail(request, message)
 
     def _fail(self, request: Request, message: str) -> list[Output]:
         self.abort(request)

@@ -101,9 +101,11 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Attach cached blocks holding a prefix of `seq`'s tokens; return how many tokens they cover.
 
-        At least one token is always left to compute, so the step that computes it yields logits.
+        At least one token is always left to compute, so the step that computes it yields logits. A
+        sequence that must score its prompt reads nothing: a cached position has no logits to score
+        with (its own blocks are still published for later prompts).
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or seq.needs_prompt_logits:
             return 0
         bs = self.block_size
         limit = (seq.num_tokens - 1) // bs

@@ -32,13 +32,18 @@ class TopLogprob:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The sampled token's log-probability under the model, and the `logprobs` most likely ones."""
+    """A token's log-probability under the model, and the `logprobs` most likely ones.
+
+    For a prompt token, `rank` is its rank among all tokens (1: the most likely); the first prompt
+    token has no logprob (nothing precedes it).
+    """
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
     bytes: list[int]
     top: list[TopLogprob]
+    rank: int | None = None
 
 
 @dataclass
@@ -56,6 +61,8 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On each choice's first Delta when `prompt_logprobs` was asked: one entry per prompt token."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-5
+"""A temperature under this is greedy (vLLM's threshold): dividing logits by it would overflow float32."""
 
 
 class ParamError(ValueError):
@@ -55,8 +57,13 @@ class SamplingParams:
     """How to sample one request's continuations. Construction validates and normalizes.
 
     Defaults follow OpenAI/vLLM. `max_tokens=None` means "up to the context length".
-    `top_k` of 0 or -1 and `top_p` of 1 disable those filters; `temperature` 0 is greedy.
-    `logprobs` is the number of alternatives reported per token (None: no logprobs at all).
+    `top_k` of 0 or -1 and `top_p` of 1 disable those filters; `temperature` 0 is greedy, and so is
+    any temperature below GREEDY_BELOW. `top_p` keeps the smallest set of most likely tokens whose
+    probability reaches it, and never fewer than one: a top_p too small for float32 (it rounds to 0
+    below about 1e-45) keeps only the most likely token.
+    `logprobs` is the number of alternatives reported per token (None: no logprobs at all);
+    `prompt_logprobs` the same for each prompt token (vLLM's), computed in the prompt's own prefill.
+    `max_tokens` may be 0 only with `prompt_logprobs`: the prompt is scored, nothing is generated.
     """
 
     n: int = 1
@@ -75,6 +82,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -82,14 +90,20 @@ class SamplingParams:
             object.__setattr__(self, name, value)
 
         put("n", _integer("n", self.n, 1, MAX_N))
+        if self.logprobs is not None:
+            put("logprobs", _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS))
+        if self.prompt_logprobs is not None:
+            put("prompt_logprobs", _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS))
         if self.max_tokens is not None:
-            put("max_tokens", _integer("max_tokens", self.max_tokens, 1, 2**31 - 1))
+            least = 0 if self.prompt_logprobs is not None else 1
+            put("max_tokens", _integer("max_tokens", self.max_tokens, least, 2**31 - 1))
         put("min_tokens", _integer("min_tokens", self.min_tokens, 0, 2**31 - 1))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ParamError(
                 "min_tokens", f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})"
             )
-        put("temperature", _number("temperature", self.temperature, 0.0, 2.0))
+        temperature = _number("temperature", self.temperature, 0.0, 2.0)
+        put("temperature", 0.0 if temperature < GREEDY_BELOW else temperature)
         put("top_p", _number("top_p", self.top_p, 0.0, 1.0, lo_open=True))
         top_k = _integer("top_k", self.top_k, -1, 2**31 - 1)
         put("top_k", max(top_k, 0))
@@ -109,8 +123,6 @@ class SamplingParams:
             raise ParamError("ignore_eos", f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
         if not isinstance(self.skip_special_tokens, bool):
             raise ParamError("skip_special_tokens", "skip_special_tokens must be a boolean")
-        if self.logprobs is not None:
-            put("logprobs", _integer("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS))
 
     @staticmethod
     def _checked_logit_bias(bias: Any) -> dict[int, float]:
@@ -169,11 +181,12 @@ class SamplingParams:
             if bad is not None:
                 raise ParamError(name, f"{name} token id {bad} is outside the vocabulary (size {vocab_size})")
         room = max_model_len - prompt_len
-        if room <= 0:
+        need = 0 if self.max_tokens == 0 else 1
+        if room < need:
+            more = " and generation needs at least one more" if need else ""
             raise ParamError(
                 "prompt",
-                f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} tokens "
-                "and generation needs at least one more",
+                f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} tokens{more}",
             )
         if self.max_tokens is None:
             return room

@@ -6,7 +6,8 @@ Two paths (gpt-fast's prefill/decode split):
   per bucket (`torch.compile(fullgraph=True, dynamic=False)`; CUDA graphs on CUDA) at start-up;
 - the general path, eager: prefill chunks and mixed steps, laid out from the sequences each step.
   Decode rows still attend through the paged op; each prefill chunk is an attention group of its own.
-Only the last computed token of a sequence that has caught up gets logits.
+Only the last computed token of a sequence that has caught up gets logits, and, for a sequence
+that scores its prompt (`prompt_logprobs`), the prompt positions it computes: in the same forward.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,6 +27,19 @@ from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Sequence
 
 log = logging.getLogger("server.engine")
+
+
+@dataclass
+class PromptLogits:
+    """A sequence's logits at the prompt positions computed this step: row j scores token `first + 1 + j`."""
+
+    seq: Sequence
+    first: int
+    logits: Tensor
+
+
+PromptRows = list[tuple[Sequence, int, list[int]]]
+"""Per sequence scoring its prompt: the first position computed and the flat rows holding them."""
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -104,22 +119,23 @@ class ModelRunner:
         return self.model(tokens, positions, self.cache, CacheBatch(slots[:0], [], decode))
 
     @torch.inference_mode()
-    def execute(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None]:
-        """Run the step; return the sequences that caught up (in row order) and their logits."""
+    def execute(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
+        """Run the step; return the sequences that caught up (in row order), their logits, and the
+        logits of the prompt positions computed for sequences that score their prompt."""
         if self.deterministic:
             return self._execute_one_by_one(step)
         if self.fast_path and step.is_decode_only and all(s.num_missing_tokens == 0 for s in step.sequences):
             return self._execute_decode(step)
         return self._execute_general(step)
 
-    def _execute_decode(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor]:
+    def _execute_decode(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor, list[PromptLogits]]:
         ib = self.input_batch
         ib.update(step.sequences)
         n = len(ib.seqs)
         rows = next(b for b in self.buckets if b >= n)
         ib.prepare_decode(rows)
         logits = self._decode(*ib.device_tensors(rows))
-        return list(ib.seqs), logits[:n]
+        return list(ib.seqs), logits[:n], []  # every row computes its last token: no prompt position
 
     # -- the general path --------------------------------------------------------------------------
 
@@ -127,7 +143,9 @@ class ModelRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _build(self, seqs: list[Sequence], counts: list[int]) -> tuple[Tensor, Tensor, CacheBatch, list[int]]:
+    def _build(
+        self, seqs: list[Sequence], counts: list[int]
+    ) -> tuple[Tensor, Tensor, CacheBatch, list[int], PromptRows]:
         """Flat tokens, positions and the CacheBatch for `seqs` (decodes must come first)."""
         as_tensor = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype, device=self.device)  # noqa: E731
         arange = torch.arange
@@ -136,6 +154,7 @@ class ModelRunner:
         writes: list[int] = []
         groups: list[AttentionGroup] = []
         last_rows: list[int] = []
+        prompt_rows: PromptRows = []
         num_decodes = sum(1 for n in counts if n == 1)
         decode = None
         if num_decodes:
@@ -153,6 +172,9 @@ class ModelRunner:
                 self.block_size,
             )
             last_rows.extend(range(num_decodes))
+            for row, (s, e) in enumerate(zip(decodes, ends, strict=True)):
+                if scored := s.prompt_logit_positions(e - 1, e):  # a one-token prompt chunk
+                    prompt_rows.append((s, scored.start, [row]))
         for s, n in zip(seqs[num_decodes:], counts[num_decodes:], strict=True):
             kv_len = s.num_computed_tokens
             start = kv_len - n
@@ -167,30 +189,43 @@ class ModelRunner:
             mask.masked_fill_(~visible, float("-inf"))  # additive: SDPA would convert a boolean per layer
             groups.append(AttentionGroup(first, 1, n, kv_len, read, mask[None, None]))
             last_rows.append(len(tokens) - 1)
+            if scored := s.prompt_logit_positions(start, kv_len):
+                prompt_rows.append((s, scored.start, [first + p - start for p in scored]))
         batch = CacheBatch(write_slots=as_tensor(writes), groups=groups, decode=decode)
-        return as_tensor(tokens), as_tensor(positions), batch, last_rows
+        return as_tensor(tokens), as_tensor(positions), batch, last_rows, prompt_rows
 
-    def _execute_general(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None]:
+    def _forward(
+        self, seqs: list[Sequence], counts: list[int]
+    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
+        """One forward over `seqs`; logits for those that caught up, then for the prompt positions scored."""
+        tokens, positions, batch, last_rows, prompt_rows = self._build(seqs, counts)
+        ready = [i for i, s in enumerate(seqs) if s.num_missing_tokens == 0]
+        rows = [last_rows[i] for i in ready] + [r for _, _, scored in prompt_rows for r in scored]
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits = self.model(tokens, positions, self.cache, batch, logits_indices=idx)
+        prompt, at = [], len(ready)
+        for seq, first, scored in prompt_rows:
+            prompt.append(PromptLogits(seq, first, logits[at : at + len(scored)]))
+            at += len(scored)
+        return [seqs[i] for i in ready], (logits[: len(ready)] if ready else None), prompt
+
+    def _execute_general(
+        self, step: ScheduledStep
+    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
         # Decodes first, then prefill chunks: the order the flat batch lays them out.
         order = sorted(range(len(step)), key=lambda i: step.num_tokens[i] != 1)
-        seqs = [step.sequences[i] for i in order]
-        counts = [step.num_tokens[i] for i in order]
-        tokens, positions, batch, last_rows = self._build(seqs, counts)
-        ready = [i for i, s in enumerate(seqs) if s.num_missing_tokens == 0]
-        idx = torch.tensor([last_rows[i] for i in ready], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, positions, self.cache, batch, logits_indices=idx)
-        return ([seqs[i] for i in ready], logits) if ready else ([], None)
+        return self._forward([step.sequences[i] for i in order], [step.num_tokens[i] for i in order])
 
-    def _execute_one_by_one(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None]:
+    def _execute_one_by_one(
+        self, step: ScheduledStep
+    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
         """Batch-invariant mode: each sequence runs alone, so its numbers never depend on the batch."""
         ready: list[Sequence] = []
         logits: list[Tensor] = []
+        prompt: list[PromptLogits] = []
         for seq, n in zip(step.sequences, step.num_tokens, strict=True):
-            tokens, positions, batch, last_rows = self._build([seq], [n])
-            caught_up = seq.num_missing_tokens == 0
-            idx = torch.tensor(last_rows if caught_up else [], dtype=torch.long, device=self.device)
-            out = self.model(tokens, positions, self.cache, batch, logits_indices=idx)
-            if caught_up:
-                ready.append(seq)
-                logits.append(out)
-        return ready, (torch.cat(logits) if logits else None)
+            caught_up, out, scored = self._forward([seq], [n])
+            ready += caught_up
+            logits += [out] if out is not None else []
+            prompt += scored
+        return ready, (torch.cat(logits) if logits else None), prompt

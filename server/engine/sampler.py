@@ -4,6 +4,11 @@ Random draws use the exponential race (argmax of p / Exp(1), equivalent to sampl
 that a seeded row draws from its own generator, one fixed-size draw per token: the same seed
 gives the same tokens whatever else shares the batch. Logprobs are the model's own distribution
 (before penalties, temperature and filters), as OpenAI reports them.
+
+No finite parameter value can turn a finite row into NaN: each row is shifted so its largest logit is
+0 before the temperature divides it (a softmax with a term equal to 1 never sums to 0 or infinity),
+every filter keeps at least the most likely token, and a zero noise draw is clamped. A row that is
+still not a distribution after all that fails its request with an error instead of drawing garbage.
 """
 
 from __future__ import annotations
@@ -28,11 +33,16 @@ class SampleRow:
     """Token ids that may not be sampled now (EOS and stop ids before min_tokens)."""
 
 
+NON_FINITE_LOGITS = "the model produced non-finite logits"
+NO_DISTRIBUTION = "sampling produced no valid probability distribution"
+
+
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    finite: list[bool]
-    """False where a row's logits held NaN or Inf: that request fails, the others go on."""
+    errors: list[str | None]
+    """Why a row has no usable token (its logits held NaN or Inf, or sampling failed): that request
+    fails, the others go on."""
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
     """Per row: (logprob of the sampled token, [(token id, logprob)] of the top alternatives)."""
 
@@ -70,8 +80,8 @@ def sample(
     logits = logits.float()
     n, vocab = logits.shape
     device = logits.device
-    # One pass flags rows holding NaN/Inf; their tokens are computed like the others, then discarded.
-    finite = logits.sum(dim=-1).isfinite()
+    # Rows holding NaN/Inf are flagged; their tokens are computed like the others, then discarded.
+    finite = logits.isfinite().all(dim=-1)
 
     want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
@@ -96,19 +106,20 @@ def sample(
             logits[i, list(r.banned_ids)] = float("-inf")
 
     tokens = logits.max(dim=-1).indices  # several times faster than argmax on CPU
+    valid = torch.ones_like(finite)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        tokens[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
+        tokens[sampled], valid[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
 
     top_k = max((rows[i].params.logprobs or 0 for i in want_logprobs), default=0)
-    packed = torch.cat([tokens, finite.long()])
+    packed = torch.cat([tokens, finite.long(), valid.long()])
     if raw_logprobs is not None:
         chosen = raw_logprobs.gather(1, tokens[want_logprobs, None]).squeeze(1)
         top = raw_logprobs.topk(top_k, dim=-1) if top_k else None
         values = [chosen] + ([top.values.flatten()] if top is not None else [])
         lp_flat = torch.cat(values).tolist()
         top_ids = top.indices.tolist() if top is not None else None
-    ids_and_finite = packed.tolist()
+    flat = packed.tolist()
 
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * n
     if raw_logprobs is not None:
@@ -120,15 +131,20 @@ def sample(
                 vals = lp_flat[m + j * top_k : m + j * top_k + k]
                 alts = list(zip(top_ids[j][:k], vals, strict=True))
             logprobs[i] = (lp_flat[j], alts)
-    return SampleResult(
-        token_ids=ids_and_finite[:n], finite=[bool(f) for f in ids_and_finite[n:]], logprobs=logprobs
-    )
+    errors = [
+        NON_FINITE_LOGITS if not ok_logits else None if ok_probs else NO_DISTRIBUTION
+        for ok_logits, ok_probs in zip(flat[n : 2 * n], flat[2 * n :], strict=True)
+    ]
+    return SampleResult(token_ids=flat[:n], errors=errors, logprobs=logprobs)
 
 
-def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> Tensor:
+def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> tuple[Tensor, Tensor]:
+    """Draw one token per row; also whether each row's final probabilities were a distribution."""
     device = logits.device
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=device)
-    logits = logits / temps[:, None]
+    # A penalty may have pushed a logit to +inf: clamp, then shift so that each row's largest is 0.
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps[:, None]
     if any(r.params.top_k for r in rows):
         ks = torch.tensor([r.params.top_k or logits.shape[-1] for r in rows], device=device)
         ks = ks.clamp(max=logits.shape[-1])
@@ -138,8 +154,10 @@ def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> Tensor:
     if any(r.params.top_p < 1.0 for r in rows):
         top_p = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=device)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does.
+        # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does,
+        # but never the most likely one (a top_p that rounds to 0 in float32 would drop them all).
         drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
     if any(r.params.min_p > 0 for r in rows):
@@ -152,4 +170,27 @@ def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> Tensor:
     for j, r in enumerate(rows):
         if r.generator is not None:
             noise[j].exponential_(generator=r.generator)
-    return (probs / noise).max(dim=-1).indices
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = NaN
+    total = probs.sum(dim=-1)
+    return (probs / noise).max(dim=-1).indices, total.isfinite() & (total > 0)
+
+
+@torch.inference_mode()
+def score(
+    logits: Tensor, targets: list[int], k: int
+) -> tuple[list[float], list[int], list[list[tuple[int, float]]]] | None:
+    """Prompt scoring: row j's log-probability of `targets[j]`, its rank (1: the most likely) and the
+    `k` most likely tokens with theirs. None if the logits are not all finite."""
+    logits = logits.float()
+    if not bool(logits.isfinite().all()):
+        return None
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top = logprobs.topk(k, dim=-1) if k else None
+    alternatives = (
+        [list(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+        if top is not None
+        else [[] for _ in targets]
+    )
+    return chosen.squeeze(1).tolist(), ranks.tolist(), alternatives

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.outputs import Timings
+from server.engine.outputs import Timings, TokenLogprob
 from server.engine.params import SamplingParams
 from server.engine.structured import CompiledGrammar
 
@@ -43,6 +43,8 @@ class Request:
     held_back: list[Sequence] = field(default_factory=list)
     """Choices 1..n-1, admitted once choice 0 has prefilled the prompt they share."""
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The prompt tokens scored so far (with `params.prompt_logprobs`), shared by the choices."""
     done: bool = False
     cut: bool = False
     """Its client fell too far behind; nothing more is delivered."""
@@ -95,3 +97,18 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt tokens are still to be scored: their positions must be computed, not read from cache."""
+        return (
+            self.params.prompt_logprobs is not None
+            and len(self.request.prompt_logprobs) < self.num_prompt_tokens
+        )
+
+    def prompt_logit_positions(self, start: int, end: int) -> range:
+        """Of positions [start, end) computed now, those whose logits score a prompt token not scored
+        yet (position p's logits score token p + 1; the first token is never scored)."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, len(self.request.prompt_logprobs) - 1), min(end, self.num_prompt_tokens - 1))

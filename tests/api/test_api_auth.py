@@ -73,3 +73,27 @@ def test_cors_allows_the_configured_origin_and_the_authorization_header(locked: 
 def test_no_cors_and_no_key_by_default(http: httpx.Client) -> None:
     r = http.get("/v1/models", headers={"Origin": ORIGIN})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_the_scheme_is_case_insensitive(locked: RunningServer) -> None:
+    with locked.client() as client:
+        for scheme in ("bearer", "BEARER", "Bearer", "bEaReR"):
+            for value in (f"{scheme} {KEY}", f"{scheme}   {KEY}"):
+                r = client.get("/v1/models", headers={"Authorization": value})
+                assert r.status_code == 200, (value, r.text)
+        for value in (f"Basic {KEY}", f"bearer{KEY}", f"bearer {KEY.upper()}", "bearer", "bearer "):
+            _is_401(client.get("/v1/models", headers={"Authorization": value}))
+
+
+def test_two_authorization_headers_are_refused(locked: RunningServer) -> None:
+    good, bad = f"Bearer {KEY}", "Bearer wrong"
+    with locked.client() as client:
+        for pair in ((good, good), (good, bad), (bad, good), (good, "")):
+            r = client.get("/v1/models", headers=[("Authorization", pair[0]), ("Authorization", pair[1])])
+            assert r.status_code == 400, (pair, r.text)
+            error = r.json()["error"]
+            assert error["param"] == "Authorization" and error["code"] == "invalid_authorization"
+        assert (
+            client.get("/health", headers=[("Authorization", good), ("Authorization", bad)]).status_code
+            == 200
+        )

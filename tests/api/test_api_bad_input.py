@@ -94,7 +94,10 @@ CASES: list[tuple[str, Any, int, str | None]] = [
     # unknown or unsupported parameters, unknown model
     (C, _completion(foo=1), 400, "foo"),
     (CHAT, _chat(temperatur=1), 400, "temperatur"),
-    (C, _completion(echo=True), 400, "echo"),
+    (C, _completion(echo="yes"), 400, "echo"),
+    (C, _completion(prompt_logprobs=21), 400, "prompt_logprobs"),
+    (C, _completion(max_tokens=0, logprobs=1), 400, "max_tokens"),
+    (C, _completion(echo=True, logprobs=21), 400, "logprobs"),
     (C, _completion(suffix="end"), 400, "suffix"),
     (C, _completion(best_of=3), 400, "best_of"),
     (CHAT, _chat(tools=[{"type": "function", "function": {"description": "no name"}}]), 400, "tools"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.params import SamplingParams
-from server.engine.sampler import SampleRow, sample
+from server.engine.sampler import NON_FINITE_LOGITS, SampleRow, sample
 
 PROBS = torch.tensor([0.55, 0.25, 0.15, 0.05])
 
@@ -79,7 +79,7 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch() -> None:
 def test_logprobs_and_non_finite_rows() -> None:
     logits = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 0.0, 0.0]])
     out = sample(logits, [row(temperature=0, logprobs=2), row(temperature=0)])
-    assert out.finite == [True, False]
+    assert out.errors == [None, NON_FINITE_LOGITS]
     chosen, top = out.logprobs[0] or (0.0, [])
     expected = torch.log_softmax(logits[0], -1)
     assert out.token_ids[0] == 2
@@ -87,3 +87,34 @@ def test_logprobs_and_non_finite_rows() -> None:
     assert [t for t, _ in top] == [2, 1]
     assert top[1][1] == pytest.approx(expected[1].item())
     assert out.logprobs[1] is None
+
+
+# Finite, in-range values that underflow or overflow float32 somewhere between logits and a draw.
+TINY = (1e-45, 1e-300, 5e-324, 1e-8, 9.9e-6)
+
+
+@pytest.mark.parametrize("temperature", TINY)
+def test_a_temperature_that_underflows_is_greedy(temperature: float) -> None:
+    assert SamplingParams(temperature=temperature).greedy
+    logits = torch.tensor([[0.3, 2.0, 1.9, -4.0]]).repeat(50, 1)
+    assert set(sample(logits, [row(temperature=temperature)] * 50).token_ids) == {1}
+
+
+@pytest.mark.parametrize("top_p", TINY)
+def test_a_top_p_that_underflows_keeps_the_most_likely_token(top_p: float) -> None:
+    assert set(draw(row(top_p=top_p), times=200)) == {0}
+
+
+@pytest.mark.parametrize("penalty", TINY)
+def test_a_repetition_penalty_that_overflows_still_draws_from_a_distribution(penalty: float) -> None:
+    # Seen tokens with positive logits become +inf: the draw is among them, never NaN-driven.
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]]).repeat(200, 1)
+    out = sample(logits, [row(output=[0, 2, 3], repetition_penalty=penalty)] * 200)
+    assert set(out.errors) == {None}
+    assert set(out.token_ids) <= {0, 3}
+
+
+def test_huge_logits_with_a_small_temperature_stay_finite() -> None:
+    big = torch.tensor([[3e38, 2.9e38, -3e38, 0.0]]).repeat(100, 1)
+    out = sample(big, [row(temperature=1e-4)] * 100)
+    assert set(out.errors) == {None} and set(out.token_ids) == {0}
