@@ -490,8 +490,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     ddp = None
     if d.world > 1:
         ids = [device.index] if device.type == "cuda" else None
-        # The rotary tables are the only buffers, and constant: nothing to broadcast each step.
-        ddp = DistributedDataParallel(loss_of, device_ids=ids, broadcast_buffers=False)
+        # The rotary tables are the only buffers, and constant: nothing to send each step.
+        ddp = DistributedDataParallel(loss_of, device_ids=ids, forward_sync_buffers=False)
     net = ddp or loss_of
     all_val = eval_windows(prepared.val_stream, args.seq_len)
     n_probe = args.eval_batches * args.batch_size
