@@ -106,6 +106,14 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     return train, val
 
 
+def sample_prompt(docs: list[Document], max_chars: int = 100) -> str:
+    """The opening of the first document, cut after its last whole line within `max_chars`: a prompt
+    in the training data's own style for the sample a run prints at its end."""
+    head = docs[0].text.lstrip()[:max_chars]
+    cut = head.rfind("\n") + 1
+    return head[:cut] if cut > 0 else head
+
+
 def token_stream(docs: list[Document], tokenizer: Tokenizer) -> Tensor:
     """All documents as one int32 stream, each preceded by the end-of-text token that separates them."""
     if tokenizer.eos_token_id is None:

@@ -8,6 +8,7 @@ bytes each id contributes to the text (for incremental detokenizing) and the ids
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,11 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = (
+    TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE, "chat_template.json",
+    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
+)  # fmt: skip
+"""Every file transformers may write for a tokenizer: what a checkpoint's copy of it consists of."""
 ADDED_TOKEN_KEYS = ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
 
 CHATML_TEMPLATE = (
@@ -283,6 +289,15 @@ class Tokenizer:
             # A template's own errors on messages it did not expect (None content, a missing key).
             raise TokenizerError(f"chat template failed: {exc}") from None
 
+    def to_str(self) -> str:
+        """The tokenizer.json text: with `from_str`, how a trained tokenizer travels between processes."""
+        return self._tok.to_str()
+
+    @classmethod
+    def from_str(cls, text: str, model_max_length: int) -> Tokenizer:
+        """A tokenizer made by `train_tokenizer`, rebuilt from its `to_str()`."""
+        return cls(HFTokenizer.from_str(text), model_max_length=model_max_length)
+
     def save(self, directory: Path | str) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for AutoTokenizer."""
         directory = Path(directory)
@@ -401,4 +416,14 @@ def train_tokenizer(
             yield item.read_text(encoding="utf-8") if isinstance(item, Path) else item
 
     tok.train_from_iterator(texts(), trainer=trainer)
-    return Tokenizer(tok, model_max_length=model_max_length)
+    return Tokenizer.from_str(tok.to_str(), model_max_length)
+
+
+def copy_tokenizer_files(source: Path | str, destination: Path | str) -> None:
+    """Copy a checkpoint's tokenizer files as they are: a fine-tuned model keeps its tokenizer byte for
+    byte (its chat template and every transformers setting included), not our re-serialization of it."""
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, destination / name)

@@ -15,11 +15,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 import model.train as train_module
+from bench.harness import free_port
 from model.checkpoint import load_model
+from model.compute import train_flops_per_token
+from model.config import ModelConfig
+from model.data import Document, read_corpus, sample_prompt
+from model.evaluate import evaluate
 from model.tokenizer import IM_END, Tokenizer
-from model.train import main, parse_duration
+from model.train import main, parse_args, parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +70,7 @@ def test_writes_a_servable_checkpoint(trained: Path) -> None:
     assert not list(trained.glob("*.bin")) and not list(trained.rglob("*.pt"))
 
 
-def test_log_shows_learning(trained: Path) -> None:
+def test_log_shows_learning(trained: Path, corpus: Path) -> None:
     records = [json.loads(line) for line in (trained / "train_log.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r and not r.get("final")]
@@ -66,7 +80,29 @@ def test_log_shows_learning(trained: Path) -> None:
     assert final["final"] and final["stop_reason"] == "max steps"
     assert final["val_loss"] < 0.9 * math.log(512)
     assert final["val_bpc"] > 0 and final["val_perplexity"] > 1
-    assert all(r["tokens_per_s"] > 0 for r in records if "tokens_per_s" in r)
+    rated = [r for r in records if "tokens_per_s" in r]
+    assert rated and all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rated)
+    # MFU is tokens/s x FLOPs per token over the matmul rate measured at start, as logged.
+    assert final["matmul_flops_per_s"] > 0 and final["dtype"] == "float32"
+    for r in rated:
+        assert r["mfu"] == pytest.approx(
+            r["tokens_per_s"] * final["flops_per_token"] / final["matmul_flops_per_s"]
+        )
+    # The sample continues the opening of the training data, not a fixed prompt.
+    prompt = sample_prompt(read_corpus([str(corpus)]))
+    assert final["sample_prompt"] == prompt and prompt.strip()
+    assert final["sample"].startswith(prompt) and len(final["sample"]) > len(prompt)
+
+
+def test_flops_per_token_counts_every_matmul_weight() -> None:
+    """6 per weight of every projection and the (tied) LM head, plus PaLM's attention term."""
+    config = ModelConfig(
+        vocab_size=8192, hidden_size=384, intermediate_size=896, num_hidden_layers=6,
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    norms = config.hidden_size * (2 * config.num_hidden_layers + 1)
+    matmul_weights = config.num_parameters() - norms  # the tied embedding counted once, as the head
+    assert train_flops_per_token(config, 512) == 6 * matmul_weights + 12 * 6 * 384 * 512
 
 
 def test_resume_is_exact(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,6 +148,92 @@ def test_fine_tune_with_frozen_layers(trained: Path, corpus: Path, tmp_path: Pat
     assert Tokenizer.load(out).vocab_size == Tokenizer.load(trained).vocab_size
 
 
+FOREIGN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def transformers_checkpoint(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Llama saved by transformers with a tokenizer unlike ours: sentencepiece-style BPE,
+    <s>/</s>/<unk>, its own chat template, untied embeddings."""
+    directory = tmp_path_factory.mktemp("hf-foreign")
+    bpe = HFTokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    bpe.train_from_iterator([p.read_text() for p in sorted(corpus.iterdir())], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=FOREIGN_TEMPLATE,
+    )
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_fine_tune_a_transformers_checkpoint_end_to_end(
+    transformers_checkpoint: Path, corpus: Path, tmp_path: Path, start_server
+) -> None:
+    """Fine-tuned, it keeps its own tokenizer files byte for byte, loads in transformers as it does
+    here, and serves a chat through its own template."""
+    out = tmp_path / "tuned"
+    final = _run(corpus, out, "--init-from", str(transformers_checkpoint), "--max-steps", "3")
+    assert math.isfinite(final["val_loss"])
+    assert final["sample_prompt"] == sample_prompt(read_corpus([str(corpus)]))
+    for source in transformers_checkpoint.iterdir():
+        if source.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            assert (out / source.name).read_bytes() == source.read_bytes(), source.name
+    theirs = AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer.load(out)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):"}]
+    rendered = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == ours.apply_chat_template(messages) and rendered.startswith("<s><|system|>")
+    ids = ours.encode("import json\ndef f(x):\n    return x", parse_special=True)
+    assert ids == theirs.encode("import json\ndef f(x):\n    return x", add_special_tokens=False)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours_logits = load_model(out, dtype=torch.float32)(torch.tensor([ids]))
+        assert torch.allclose(hf(torch.tensor([ids])).logits, ours_logits, atol=1e-4)
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (theirs.bos_token_id, theirs.eos_token_id)
+
+    server = start_server(model=out)
+    with server.client() as client:
+        body = {"model": server.model, "messages": messages, "max_tokens": 4, "temperature": 0}
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert isinstance(r.json()["choices"][0]["message"]["content"], str)
+    assert r.json()["usage"]["prompt_tokens"] == len(theirs.encode(rendered, add_special_tokens=False))
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(corpus: Path, tmp_path: Path) -> None:
+    """--compile (the default and shakespeare presets' setting) computes the eager step's losses."""
+    flags = ("--max-steps", "4", "--log-interval", "1", "--eval-interval", "4", "--sample-tokens", "0")
+    _run(corpus, tmp_path / "eager", *flags)
+    final = _run(corpus, tmp_path / "compiled", *flags, "--compile")
+    assert final["compile"] is True
+
+    def losses(out: Path) -> list[float]:
+        records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r] + [records[-1]["val_loss"]]
+
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
 def test_early_stopping_and_time_budget(corpus: Path, tmp_path: Path) -> None:
     frozen = _run(
         corpus, tmp_path / "a", "--lr", "0", "--min-lr", "0", "--eval-interval", "5", "--patience", "1"
@@ -119,6 +241,30 @@ def test_early_stopping_and_time_budget(corpus: Path, tmp_path: Path) -> None:
     assert frozen["stop_reason"].startswith("early stop") and frozen["step"] == 10
     timed = _run(corpus, tmp_path / "b", "--max-steps", "100000", "--time-budget", "1s")
     assert timed["stop_reason"] == "time budget" and 0 < timed["step"] < 100000
+
+
+def test_shakespeare_preset_uses_its_whole_budget(tmp_path: Path) -> None:
+    """The preset's own settings (no early stopping, nanoGPT's last-10% split); at a tiny size it
+    trains for a few seconds and ends on its time budget, not before; bits/char are of the last 10%."""
+    args = parse_args(["--preset", "shakespeare", "--out", str(tmp_path)])
+    assert (args.time_budget, args.patience, args.val_fraction, args.compile) == (600, 0, 0.1, True)
+    text = "".join(f"SPEAKER {i % 7}:\nSpeak, speak; the {i}th line of a play.\n\n" for i in range(400))
+    data = tmp_path / "play.txt"
+    data.write_text(text)
+    out = tmp_path / "out"
+    tiny = ["--hidden-size", "64", "--layers", "2", "--heads", "4", "--kv-heads", "4"]
+    tiny += ["--intermediate-size", "128", "--vocab-size", "300", "--max-position-embeddings", "64"]
+    final = main([
+        "--preset", "shakespeare", "--data", str(data), "--out", str(out), *tiny, "--seq-len", "64",
+        "--no-compile", "--time-budget", "4", "--eval-interval", "5", "--log-interval", "5",
+        "--sample-tokens", "0", "--device", "cpu",
+    ])  # fmt: skip
+    assert final["stop_reason"] == "time budget" and final["train_elapsed"] >= 4
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "val_loss" in r and not r.get("final")]) >= 2
+    tail = Document("tail", text[len(text) - int(len(text) * 0.1) :])
+    held_out = evaluate(load_model(out), Tokenizer.load(out), [tail], seq_len=64)
+    assert final["val_bpc"] == pytest.approx(held_out["bpc"], rel=1e-4)
 
 
 def test_parse_duration() -> None:
@@ -184,27 +330,61 @@ def test_cli_error_has_no_traceback(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [f"error: no text found in {data}"]
 
 
-def test_torchrun_ddp_matches_single_process(corpus: Path, tmp_path: Path) -> None:
-    """2 CPU ranks (gloo) with grad-accum 1 = 1 process with grad-accum 2: same global batch."""
-    common = ["--preset", "tiny", "--data", str(corpus), "--device", "cpu", "--dtype", "float32"]
-    common += ["--max-steps", "20", "--eval-interval", "10", "--sample-tokens", "0"]
+DDP_FLAGS = ["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--max-steps", "20"]
+DDP_FLAGS += ["--eval-interval", "10", "--log-interval", "1", "--sample-tokens", "0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference for the data-parallel runs: one process, the same global batch by accumulation."""
+    out = tmp_path_factory.mktemp("single")
+    main([*DDP_FLAGS, "--data", str(corpus), "--out", str(out), "--grad-accum", "2"])
+    return out
+
+
+def _torchrun(launch: list[str], corpus: Path, out: Path) -> subprocess.Popen[str]:
     torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), *launch, "-m", "model.train", *DDP_FLAGS, "--data", str(corpus), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "model.train"]
-    result = subprocess.run(
-        [*cmd, *common, "--out", str(tmp_path / "ddp")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    single = main([*common, "--out", str(tmp_path / "single"), "--grad-accum", "2"])
-    final = json.loads((tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_ddp_matches_single_process(
+    nodes: int, corpus: Path, one_process: Path, tmp_path: Path
+) -> None:
+    """2 CPU ranks (gloo) with grad-accum 1 = 1 process with grad-accum 2: the same loss at every step.
+
+    nodes=1: `--standalone --nproc_per_node 2`. nodes=2: two torchrun "nodes" of one process each
+    meeting at a c10d rendezvous on 127.0.0.1, each with its own --out as if they shared no disk
+    (rank 0 writes; the other must never need its files).
+    """
+    if nodes == 1:
+        procs = [_torchrun(["--standalone", "--nproc_per_node", "2"], corpus, tmp_path / "0")]
+    else:
+        rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d"]
+        rdzv += ["--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test"]
+        procs = [_torchrun(rdzv, corpus, tmp_path / str(n)) for n in range(nodes)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    written = [tmp_path / str(n) for n in range(nodes) if (tmp_path / str(n) / "train_log.jsonl").exists()]
+    assert len(written) == 1
+    ddp_dir = written[0]
+    records = [json.loads(line) for line in (ddp_dir / "train_log.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (one_process / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 20
+    assert losses == pytest.approx([r["loss"] for r in reference if "loss" in r], rel=1e-4)
+    final = records[-1]
     assert len(final["param_checksums"]) == 2
     assert final["param_checksums"][0] == final["param_checksums"][1]
-    assert final["val_loss"] == pytest.approx(single["val_loss"], rel=1e-3)
-    ddp = load_file(str(tmp_path / "ddp" / "resume" / "model.safetensors"))
-    one = load_file(str(tmp_path / "single" / "resume" / "model.safetensors"))
+    assert final["val_loss"] == pytest.approx(reference[-1]["val_loss"], rel=1e-4)
+    ddp = load_file(str(ddp_dir / "resume" / "model.safetensors"))
+    one = load_file(str(one_process / "resume" / "model.safetensors"))
     assert all(torch.allclose(ddp[k], one[k], atol=1e-4) for k in one)
