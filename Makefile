@@ -31,11 +31,8 @@ install-dev: $(DEV)
 serve: install
 	$(BIN)/python -m server --model $(MODEL)
 
-# Two workers: most tests wait on a server they started, so two keep both cores busy (tests/conftest.py
-# keeps each file, and the deploy and ui folders, in one worker).
-TEST_WORKERS ?= 2
 test: install-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Debian's prometheus, nginx and docker-compose for tests/deploy (which also installs them itself, as root).
 test-tools:

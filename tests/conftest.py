@@ -99,17 +99,3 @@ def start_server(
     yield start
     for server in started:
         server.stop()
-
-
-# Folders whose tests share a machine-wide resource and so run in one worker under `pytest -n`:
-# deploy installs Debian's tools with apt, ui installs and drives Debian's chromium.
-ONE_WORKER_FOLDERS = ("deploy", "ui")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests for `make test`'s two workers (`--dist loadgroup`): a file's tests stay together,
-    so its module-scoped servers start once, and the folders above stay in one worker each."""
-    for item in items:
-        folder = item.path.parent.name
-        group = folder if folder in ONE_WORKER_FOLDERS else str(item.path.relative_to(config.rootpath))
-        item.add_marker(pytest.mark.xdist_group(group))
