@@ -75,13 +75,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_size=192, layers=4, heads=6, kv_heads=6, intermediate_size=512, vocab_size=1024,
         max_position_embeddings=256, rope_theta=10000.0, tie_embeddings=True, seq_len=256, batch_size=8,
         grad_accum=1, lr=2e-3, min_lr=2e-4, warmup_steps=100, max_steps=None, time_budget="10m",
-        eval_interval=200, eval_batches=24, patience=0, dropout=0.0, val_fraction=0.1, compile=True,
+        eval_interval=200, eval_batches=25, patience=0, dropout=0.0, val_fraction=0.1, compile=True,
     ),
 }  # fmt: skip
 # default: intermediate 896 rather than 1024 keeps the bfloat16 weights under 25 MB (11.7M parameters).
 # shakespeare: the 10-minute CPU recipe for one text file (Tiny Shakespeare: 1.1M characters, the last
 # 10% held out as nanoGPT does). 2M parameters, 2.26 characters per token; no early stopping, so the
-# cosine ends with the budget; each probe (24 x 8 windows of 256 tokens) is the whole held-out tenth.
+# cosine ends with the budget; each probe (25 x 8 windows of 256 tokens) covers the whole held-out tenth.
 
 # Flags a resumed run may change; every other setting comes from the saved run.
 RESUME_OVERRIDES = (
