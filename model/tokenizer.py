@@ -162,6 +162,13 @@ class Tokenizer:
         """The tokenizer as tokenizer.json text (what other tokenizer-aware libraries load)."""
         return self._tok.to_str()
 
+    @property
+    def declares_chat(self) -> bool:
+        """Whether the checkpoint declares a chat model: its tokenizer has a chat template, and not the
+        ChatML placeholder `train_tokenizer` gives every tokenizer it makes from scratch (a model that
+        `model.train` pretrained on raw text, never on a conversation)."""
+        return bool(self.chat_template) and self.chat_template != CHATML_TEMPLATE
+
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -168,10 +168,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if changed:
             parser.error(f"--resume continues the saved run; cannot change --{changed[0].replace('_', '-')}")
         args = argparse.Namespace(**{**saved, **given})
-    else:
-        for key, value in PRESETS[args.preset].items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+    # Preset values fill what is unset (and settings a resumed run's older trainer did not have).
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     if isinstance(args.time_budget, str):
         try:
             args.time_budget = parse_duration(args.time_budget)

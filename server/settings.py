@@ -22,6 +22,7 @@ from server.engine.config import EngineConfig
 
 ENV_PREFIX = "TINYSERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+UI_MODES = ("auto", "chat", "completion")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -191,6 +192,14 @@ class Settings:
         metadata=flag("most open connections; each one beyond is answered 503 and closed", type=positive_int),
     )
     log_prompts: bool = field(default=False, metadata=flag("log prompts and outputs (off: never logged)"))
+    ui_mode: str = field(
+        default="auto",
+        metadata=flag(
+            "the chat page's mode at load; auto: completion for a base model (no chat template of its "
+            "own), chat otherwise",
+            choices=UI_MODES,
+        ),
+    )
     log_level: str = field(default="info", metadata=flag("logging level", choices=LOG_LEVELS))
 
     @property

@@ -40,6 +40,11 @@ class EngineClient(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
+    def declares_chat(self) -> bool:
+        """Whether the checkpoint is a chat model (`Tokenizer.declares_chat`), not a base model."""
+        ...
+
+    @property
     def is_ready(self) -> bool: ...
 
     @property
@@ -116,6 +121,15 @@ class ServerState:
             "owned_by": "tinyserve",
             "max_model_len": self.engine.max_model_len,
         }
+
+    def ui_mode(self) -> tuple[str, str]:
+        """The chat page's mode at load, and why: --ui-mode, or for `auto` what the checkpoint declares."""
+        mode = self.settings.ui_mode
+        if mode != "auto":
+            return mode, "--ui-mode"
+        if self.engine.declares_chat:
+            return "chat", "the model's tokenizer has a chat template"
+        return "completion", "a base model: its tokenizer has no chat template of its own"
 
     def readiness(self) -> str:
         if self.draining:

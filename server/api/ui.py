@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.api.errors import APIError
+from server.api.state import state_of
 
 router = APIRouter(include_in_schema=False)
 
@@ -59,3 +60,10 @@ def index() -> Response:
 @router.get("/static/{name}")
 def static(name: str) -> Response:
     return _file(name)
+
+
+@router.get("/ui/config")
+async def config(request: Request) -> dict[str, str]:
+    """What the page needs to know about this server: the mode it opens in (behind the key, as the API)."""
+    mode, reason = state_of(request).ui_mode()
+    return {"mode": mode, "mode_reason": reason}

@@ -1,4 +1,5 @@
 // The chat page: streams /v1/chat/completions over fetch() and renders model text as DOM text nodes.
+// Its Completion mode (below, "completion mode") streams /v1/completions into a monospace text box.
 // Safety rule: model (and server) text only ever reaches the page through textContent / text nodes,
 // never as HTML, so markup in a reply is shown, not run.
 "use strict";
@@ -15,6 +16,9 @@
   const ui = {};
   const state = {
     model: null,
+    mode: "chat", // or "completion"; the server's /ui/config picks it at load, one click switches
+    modeChosen: false, // the user switched: the server's choice no longer applies
+    completion: null, // the completion being streamed: {before, text, start, firstAt, usage, ...}
     turns: [], // {user, reply, status: streaming|done|stopped|error, usage, ttft, ...}
     controller: null,
     settings: { ...DEFAULTS },
@@ -252,6 +256,7 @@
     ui.modelName.textContent = card.id;
     ui.modelName.title = card.max_model_len ? `context: ${card.max_model_len} tokens` : card.id;
     ui.keyForm.hidden = true;
+    applyServerMode();
     return "";
 
     function failed(message) {
@@ -305,16 +310,8 @@
 
   async function send(text) {
     if (state.controller || !text.trim()) return;
-    let extra;
-    try {
-      extra = extraFields();
-    } catch (e) {
-      ui.extraError.textContent = e.message;
-      ui.extraError.hidden = false;
-      openSettings(true);
-      ui.extra.focus();
-      return;
-    }
+    const extra = checkedExtra();
+    if (!extra) return;
     ui.input.value = "";
     autoGrow();
     const turn = addTurn(text);
@@ -355,27 +352,41 @@
       if (!finished) throw new Error("the connection closed before the reply finished");
       finishTurn(turn, "done");
     } catch (e) {
-      if (e.name === "AbortError") {
-        finishTurn(turn, "stopped");
-      } else if (e instanceof HTTPError) {
-        if (e.status === 401) showKeyForm(apiKey() ? `The key was refused: ${e.message}` : "");
-        const retry = e.retryAfter ? ` Retry in ${e.retryAfter} s.` : "";
-        const hint = e.status === 401 ? " Enter the API key above, then retry." : "";
-        finishTurn(turn, "error", `Error ${e.status}: ${e.message.replace(/\.$/, "")}.${retry}${hint}`);
-      } else if (e.streamError) {
-        finishTurn(turn, "error", `The server ended the reply with an error: ${e.message}`);
-      } else if (response) {
-        finishTurn(turn, "error", `Connection lost mid-reply: ${e.message}`);
-      } else {
-        finishTurn(turn, "error", `Network error: could not reach the server (${e.message}).`);
-      }
+      if (e.name === "AbortError") finishTurn(turn, "stopped");
+      else finishTurn(turn, "error", failureMessage(e, response, "reply"));
       controller.abort(); // whatever went wrong, release the connection
     }
   }
 
-  // One SSE data payload. Returns false at [DONE]; throws on an error event.
-  function onEvent(turn, data) {
-    if (data === "[DONE]") return false;
+  // The extra request fields, or null once the settings panel shows what is wrong with them.
+  function checkedExtra() {
+    try {
+      return extraFields();
+    } catch (e) {
+      ui.extraError.textContent = e.message;
+      ui.extraError.hidden = false;
+      openSettings(true);
+      ui.extra.focus();
+      return null;
+    }
+  }
+
+  // What went wrong with a streamed request, for the user; a 401 also opens the key form. `response` is
+  // the fetch's response, if one came; `what` names the streamed text ("reply", "completion").
+  function failureMessage(e, response, what) {
+    if (e instanceof HTTPError) {
+      if (e.status === 401) showKeyForm(apiKey() ? `The key was refused: ${e.message}` : "");
+      const retry = e.retryAfter ? ` Retry in ${e.retryAfter} s.` : "";
+      const hint = e.status === 401 ? " Enter the API key above, then retry." : "";
+      return `Error ${e.status}: ${e.message.replace(/\.$/, "")}.${retry}${hint}`;
+    }
+    if (e.streamError) return `The server ended the ${what} with an error: ${e.message}`;
+    if (response) return `Connection lost mid-${what}: ${e.message}`;
+    return `Network error: could not reach the server (${e.message}).`;
+  }
+
+  // One SSE data payload as JSON; throws on [DONE]-less garbage and on an error event.
+  function parseChunk(data) {
     let chunk;
     try {
       chunk = JSON.parse(data);
@@ -385,6 +396,13 @@
     if (chunk.error) {
       throw Object.assign(new Error(chunk.error.message || "unknown error"), { streamError: true });
     }
+    return chunk;
+  }
+
+  // One SSE data payload. Returns false at [DONE]; throws on an error event.
+  function onEvent(turn, data) {
+    if (data === "[DONE]") return false;
+    const chunk = parseChunk(data);
     if (chunk.usage) turn.usage = chunk.usage;
     if (chunk.timings) turn.timings = chunk.timings;
     const choice = chunk.choices && chunk.choices[0];
@@ -575,6 +593,197 @@
     document.body.classList.toggle("settings-open", open);
   }
 
+  // ---------- completion mode: the model continues the text in the box, through /v1/completions ----------
+
+  // Switch between "chat" and "completion"; a stream in progress is stopped first.
+  function setMode(mode) {
+    if (mode !== "chat" && mode !== "completion") return;
+    if (mode !== state.mode) stop();
+    state.mode = mode;
+    const completion = mode === "completion";
+    ui.modeChat.setAttribute("aria-pressed", String(!completion));
+    ui.modeCompletion.setAttribute("aria-pressed", String(completion));
+    for (const node of [ui.messages, ui.composer, ui.composerHint, ui.newChat]) node.hidden = completion;
+    ui.completion.hidden = !completion;
+    document.body.dataset.mode = mode;
+    (completion ? ui.completionText : ui.input).focus();
+  }
+
+  // The mode the server opens the page in (--ui-mode; for `auto`, completion for a base model), unless
+  // the user has switched already. Without an answer the page stays in chat mode.
+  async function applyServerMode() {
+    let config;
+    try {
+      const response = await fetch("/ui/config", { headers: headers() });
+      if (!response.ok) return;
+      config = await response.json();
+    } catch {
+      return;
+    }
+    ui.modeSwitch.title = `Opened in ${config.mode} mode: ${config.mode_reason}`;
+    if (!state.modeChosen) setMode(config.mode);
+  }
+
+  async function complete() {
+    const prompt = ui.completionText.value;
+    if (state.controller || !prompt) return;
+    const extra = checkedExtra();
+    if (!extra) return;
+    const run = { before: prompt, text: prompt, chunks: 0, usage: null, status: "streaming" };
+    const controller = new AbortController();
+    state.completion = run;
+    state.controller = run.controller = controller;
+    setCompleting(true);
+    if (!state.model) {
+      const problem = await loadModel(false);
+      if (problem) {
+        finishCompletion(run, "error", problem);
+        return;
+      }
+    }
+    const body = {
+      temperature: state.settings.temperature,
+      top_p: state.settings.top_p,
+      ...(state.settings.max_tokens ? { max_tokens: state.settings.max_tokens } : {}),
+      ...extra,
+      model: state.model,
+      prompt,
+      stream: true,
+      stream_options: { include_usage: true },
+    };
+    run.start = performance.now();
+    let response = null;
+    try {
+      response = await fetch("/v1/completions", {
+        method: "POST",
+        headers: headers(),
+        body: JSON.stringify(body),
+        signal: controller.signal,
+      });
+      if (!response.ok) throw await httpError(response);
+      const finished = await readEvents(response.body.getReader(), (data) => onCompletionEvent(run, data));
+      if (!finished) throw new Error("the connection closed before the completion finished");
+      finishCompletion(run, "done");
+    } catch (e) {
+      if (e.name === "AbortError") finishCompletion(run, "stopped");
+      else finishCompletion(run, "error", failureMessage(e, response, "completion"));
+      controller.abort();
+    }
+  }
+
+  function onCompletionEvent(run, data) {
+    if (data === "[DONE]") return false;
+    const chunk = parseChunk(data);
+    if (chunk.usage) run.usage = chunk.usage;
+    if (chunk.timings) run.timings = chunk.timings;
+    const choice = chunk.choices && chunk.choices[0];
+    if (!choice) return true;
+    if (choice.text) {
+      const now = performance.now();
+      if (run.firstAt === undefined) run.firstAt = now;
+      run.lastAt = now;
+      run.chunks += 1;
+      run.text += choice.text;
+      if (!run.renderPending) {
+        run.renderPending = true; // one write per frame however many tokens arrived
+        requestAnimationFrame(() => {
+          run.renderPending = false;
+          if (run.status === "streaming") showCompletionText(run.text);
+        });
+      }
+    }
+    if (choice.finish_reason) run.finishReason = choice.finish_reason;
+    return true;
+  }
+
+  // The box's text, kept scrolled to the end while the end is in view (as the chat keeps its bottom).
+  function showCompletionText(text) {
+    const box = ui.completionText;
+    const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < NEAR_BOTTOM_PX;
+    box.value = text;
+    if (atEnd) box.scrollTop = box.scrollHeight;
+  }
+
+  function finishCompletion(run, status, error) {
+    run.status = status;
+    if (state.controller === run.controller) state.controller = null;
+    setCompleting(false);
+    showCompletionText(run.text);
+    ui.completionUndo.hidden = run.text === run.before;
+    ui.completionStats.replaceChildren(...statsLine(run));
+    if (error) {
+      const retry = el("button", "retry ghost", "Retry");
+      retry.type = "button";
+      retry.addEventListener("click", () => {
+        ui.completionText.value = run.before;
+        complete();
+      });
+      ui.completionError.replaceChildren(el("span", "error-text", error), retry);
+    }
+    ui.completionError.hidden = !error;
+  }
+
+  function setCompleting(busy) {
+    ui.complete.hidden = busy;
+    ui.completeStop.hidden = !busy;
+    ui.completionText.readOnly = busy; // the stream writes into it
+    ui.completion.classList.toggle("streaming", busy);
+    document.body.classList.toggle("busy", busy);
+    if (busy) {
+      ui.completionUndo.hidden = true;
+      ui.completionError.hidden = true;
+      ui.completionStats.replaceChildren(el("span", "stat", "generating…"));
+    }
+  }
+
+  function undoCompletion() {
+    if (state.controller || !state.completion) return;
+    ui.completionText.value = state.completion.before;
+    ui.completionUndo.hidden = true;
+    ui.completionStats.replaceChildren();
+    ui.completionText.focus();
+  }
+
+  function initCompletion() {
+    Object.assign(ui, {
+      modeSwitch: document.querySelector(".mode-switch"),
+      modeChat: $("mode-chat"),
+      modeCompletion: $("mode-completion"),
+      composerHint: $("composer-hint"),
+      completion: $("completion"),
+      completionForm: $("completion-form"),
+      completionText: $("completion-text"),
+      complete: $("complete"),
+      completeStop: $("complete-stop"),
+      completionUndo: $("completion-undo"),
+      completionStats: $("completion-stats"),
+      completionError: $("completion-error"),
+    });
+    for (const [button, mode] of [[ui.modeChat, "chat"], [ui.modeCompletion, "completion"]]) {
+      button.addEventListener("click", () => {
+        state.modeChosen = true;
+        setMode(mode);
+      });
+    }
+    ui.completionForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      complete();
+    });
+    ui.completionText.addEventListener("keydown", (e) => {
+      // Enter is a new line (this is code); Ctrl+Enter (Cmd+Enter) completes.
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !e.isComposing) {
+        e.preventDefault();
+        complete();
+      } else if (e.key === "Escape" && state.controller) {
+        stop();
+      }
+    });
+    ui.completionText.addEventListener("input", () => { ui.completionUndo.hidden = true; });
+    ui.completeStop.addEventListener("click", stop);
+    ui.completionUndo.addEventListener("click", undoCompletion);
+    document.body.dataset.mode = state.mode;
+  }
+
   // ---------- wiring ----------
 
   function init() {
@@ -606,6 +815,7 @@
       forgetKey: $("forget-key"),
     });
     loadSettings();
+    initCompletion();
     ui.forgetKey.hidden = !apiKey();
 
     ui.composer.addEventListener("submit", (e) => {
@@ -657,7 +867,7 @@
     ui.input.focus();
   }
 
-  window.chatUI = { renderMarkdown, parseBlocks, state };
+  window.chatUI = { renderMarkdown, parseBlocks, setMode, state };
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
   else init();
 })();

@@ -75,13 +75,16 @@ def ui_servers(
 ) -> Iterator[dict[str, RunningServer]]:
     """`open`: no key, one sequence and one queue slot (easy to overload); `keyed`: needs API_KEY;
     `killed`: like `keyed`, for the one test that kills its server mid-reply (whatever runs after it).
+    All three open the page in chat mode (`--ui-mode chat`): the test checkpoint is a base model, for
+    which `auto` would open it in completion mode (test_ui_completion.py).
 
     Started side by side: each spends seconds importing torch, and they overlap.
     """
+    chat = ("--ui-mode", "chat", "--threads", "1")
     flags = {
-        "open": ("--max-num-seqs", "1", "--max-waiting", "1", "--threads", "1"),
-        "keyed": ("--api-key", API_KEY, "--threads", "1"),
-        "killed": ("--api-key", API_KEY, "--threads", "1"),
+        "open": ("--max-num-seqs", "1", "--max-waiting", "1", *chat),
+        "keyed": ("--api-key", API_KEY, *chat),
+        "killed": ("--api-key", API_KEY, *chat),
     }
     with ThreadPoolExecutor(len(flags)) as pool:
         futures = {
