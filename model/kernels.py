@@ -9,7 +9,9 @@ serve, with the same results, more slowly.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -32,17 +34,43 @@ def load_cpu_kernels() -> bool:
     with _lock:
         if not _loaded:
             try:
-                from torch.utils.cpp_extension import load
-
-                load(
-                    name="tinyserve_cpu_kernels",
-                    sources=_SOURCES,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
-                    is_python_module=False,
-                    verbose=False,
-                )
+                _build_and_load()
                 _loaded.append(True)
             except Exception as exc:  # no compiler, no headers: the plain bodies serve
                 log.warning("CPU kernels unavailable (%s); using plain PyTorch bodies", exc)
                 _loaded.append(False)
         return _loaded[0]
+
+
+def kernel_build_directory() -> Path:
+    """Where the kernels are built: torch's extensions folder (TORCH_EXTENSIONS_DIR overrides it)."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(base) / "tinyserve_cpu_kernels"
+
+
+def _build_and_load() -> None:
+    """Build under an OS file lock, which the kernel drops when its holder dies.
+
+    torch's own build lock is a file that outlives a builder killed mid-build (a server stopped
+    during its first start), after which every later build waits for it forever. Holding ours, no
+    one else can be building, so a leftover torch lock is stale and is removed.
+    """
+    from torch.utils.cpp_extension import load
+
+    build_directory = kernel_build_directory()
+    build_directory.mkdir(parents=True, exist_ok=True)
+    with build_directory.with_suffix(".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish building the CPU kernels")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_directory / "lock").unlink(missing_ok=True)
+        load(
+            name="tinyserve_cpu_kernels",
+            sources=_SOURCES,
+            build_directory=str(build_directory),
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            is_python_module=False,
+            verbose=False,
+        )
