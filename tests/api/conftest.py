@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import httpx
+import openai
 import pytest
 
 from bench.harness import RunningServer
@@ -23,3 +24,9 @@ def server(start_server: Callable[..., RunningServer]) -> RunningServer:
 def http(server: RunningServer) -> Iterator[httpx.Client]:
     with server.client() as client:
         yield client
+
+
+@pytest.fixture
+def sdk(server: RunningServer) -> openai.OpenAI:
+    """The official SDK on `server` (a module's own `server` fixture, where it has one)."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

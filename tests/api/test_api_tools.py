@@ -68,17 +68,6 @@ def call_token(checkpoint: Path) -> int:
     return token
 
 
-@pytest.fixture
-def http(server: RunningServer) -> Any:
-    with server.client() as client:
-        yield client
-
-
-@pytest.fixture
-def sdk(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
 def body(server: RunningServer, **fields: Any) -> dict[str, Any]:
     return {"model": server.model, "messages": MESSAGES, "tools": TOOLS, **fields}
 
