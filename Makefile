@@ -8,6 +8,10 @@ MODEL ?= weights/default
 
 .PHONY: install install-dev serve test test-tools lint weights clean
 
+# Python caches the bytecode of what it imports, once: a PYTHONDONTWRITEBYTECODE=1 inherited from the
+# environment would make every process (each test server) compile torch's modules again (~2 s each).
+unexport PYTHONDONTWRITEBYTECODE
+
 # Torch first, pinned: a looser spec would pull the CUDA build and gigabytes with it. pip installs it
 # (it finds the CPU wheel this machine keeps on disk; uv does not look there) without byte-compiling
 # its thousands of files (75 s of a fresh install here; Python compiles what it imports, once). uv
@@ -31,8 +35,10 @@ install-dev: $(DEV)
 serve: install
 	$(BIN)/python -m server --model $(MODEL)
 
+# Two workers, whole files to each (module-scoped servers start once): most of a test's time is a
+# server starting or a stream waiting on the other core, so two workers on two cores halve the run.
 test: install-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 # Debian's prometheus, nginx and docker-compose for tests/deploy (which also installs them itself, as root).
 test-tools:

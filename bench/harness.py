@@ -126,18 +126,22 @@ def launch(
     command = [sys.executable, "-m", "server"]
     if "TINYSERVE_MODEL" not in env:
         command += ["--model", str(model)]
-    if "TINYSERVE_PORT" in env:
-        port = int(env["TINYSERVE_PORT"])
-    else:
-        port = free_port()
-        command += ["--host", "127.0.0.1", "--port", str(port)]
     key = env.get("TINYSERVE_API_KEY") or next(
         (args[i + 1] for i, a in enumerate(args[:-1]) if a == "--api-key"), None
     )
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    command += args
     name = model.resolve().name
-    return start_process(command, port, log_path, model=name, headers=headers, env=env, timeout=timeout)
+    fixed_port = "TINYSERVE_PORT" in env
+    attempts = 1 if fixed_port else 3  # another process may take a free port before the server binds it
+    for attempt in range(1, attempts + 1):
+        port = int(env["TINYSERVE_PORT"]) if fixed_port else free_port()
+        full = [*command, *([] if fixed_port else ["--host", "127.0.0.1", "--port", str(port)]), *args]
+        try:
+            return start_process(full, port, log_path, model=name, headers=headers, env=env, timeout=timeout)
+        except RuntimeError:
+            if attempt == attempts or "address already in use" not in log_path.read_text(errors="replace"):
+                raise
+    raise AssertionError("unreachable")
 
 
 def rss_bytes(pid: int) -> int:

@@ -171,6 +171,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--threads", str(args.threads)]
     if args.dtype:
         flags += ["--dtype", args.dtype]
+    if args.enforce_eager:
+        flags.append("--enforce-eager")
     return flags
 
 
@@ -217,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, for both runs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--enforce-eager", action="store_true", help="no compiled decode steps (quick smoke runs)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if not args.random_110m and not (args.model / "config.json").is_file():

@@ -18,7 +18,8 @@ def test_http_overhead_bench_runs(tiny_checkpoint: Path, tmp_path: Path) -> None
     out = tmp_path / "overhead.json"
     command = [
         sys.executable, "-m", "bench.http_overhead", "--model", str(tiny_checkpoint),
-        "--streams", "1,2", "--new-tokens", "8", "--repeats", "1", "--threads", "1", "--json", str(out),
+        "--streams", "1,2", "--new-tokens", "8", "--repeats", "1", "--threads", "1", "--enforce-eager",
+        "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -25,6 +25,7 @@ def test_engine_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) -> None
         *(sys.executable, "-m", "bench.engine"),
         *("--model", str(tiny_checkpoint), "--batch-sizes", "1,2", "--prompt-tokens", "8"),
         *("--new-tokens", "8", "--threads", "1", "--repeats", "2", "--json", str(out), "--skip-llamacpp"),
+        "--enforce-eager",
     ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]

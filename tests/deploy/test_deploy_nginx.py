@@ -64,7 +64,7 @@ def replicas(
 ) -> Iterator[list[RunningServer]]:
     logs = [tmp_path_factory.mktemp(f"replica{i}") / "server.log" for i in range(2)]
     with ThreadPoolExecutor(2) as pool:  # they load at the same time
-        started = [pool.submit(launch, tiny_checkpoint, log) for log in logs]
+        started = [pool.submit(launch, tiny_checkpoint, log, "--enforce-eager") for log in logs]
     servers = [f.result() for f in started]
     yield servers
     for s in servers:

@@ -39,7 +39,7 @@ def loopback_config(target: str) -> dict[str, Any]:
 def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """Flags as in docker-compose.yml: an API key, and /metrics open to the scraper."""
     log = tmp_path_factory.mktemp("prom_server") / "server.log"
-    running = launch(tiny_checkpoint, log, "--api-key", KEY, "--metrics-without-auth")
+    running = launch(tiny_checkpoint, log, "--api-key", KEY, "--metrics-without-auth", "--enforce-eager")
     yield running
     running.stop()
 

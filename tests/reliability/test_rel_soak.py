@@ -1,4 +1,4 @@
-"""Soak, bounded: bench/soak.py's steady mixed load for about a minute on a server of its own.
+"""Soak, bounded: bench/soak.py's steady mixed load for about 30 seconds on a server of its own.
 0 5xx and 0 dropped connections, resident memory flat after warm-up (<= 2% drift of VmRSS), /health
 up throughout, and the request counters consistent (started = finished + aborted + failed).
 `python -m bench.soak --seconds 1800` is the long run."""
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from bench import soak
 from bench.harness import RunningServer
 
-SECONDS = float(os.environ.get("TINYSERVE_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("TINYSERVE_SOAK_SECONDS", "30"))
 MAX_DRIFT = 0.02
 
 

@@ -80,7 +80,7 @@ def ui_servers(
 
     Started side by side: each spends seconds importing torch, and they overlap.
     """
-    chat = ("--ui-mode", "chat", "--threads", "1")
+    chat = ("--ui-mode", "chat", "--threads", "1", "--enforce-eager")  # the page, not the decode path
     flags = {
         "open": ("--max-num-seqs", "1", "--max-waiting", "1", *chat),
         "keyed": ("--api-key", API_KEY, *chat),
