@@ -205,18 +205,19 @@ class Tokenizer:
     ) -> list[int]:
         """The chat template's rendering of `messages` (and `tools`), as token ids.
 
-        Only the template makes special tokens: special-token text inside a message's content stays
+        Only the template makes special tokens: special-token text anywhere in what the client sent
+        (a message's content, a tool call's name or arguments, a tool's description or schema) stays
         text (unless `parse_special`), so a user cannot forge a turn. The template is rendered a second
         time with that text blanked out (same length), which shows where the template's own special
-        tokens are; the rest is tokenized as text. Content without special-token text takes the plain
+        tokens are; the rest is tokenized as text. Input without special-token text takes the plain
         path (one tokenization of the whole rendering), so ordinary chats are tokenized as before.
         """
         text = self.apply_chat_template(messages, add_generation_prompt, tools)
-        contents = [m.get("content") for m in messages]
-        if parse_special or not any(isinstance(c, str) and self._has_special(c) for c in contents):
+        if parse_special or not self._has_special([messages, tools]):
             return self.encode(text, parse_special=True, add_special_tokens=add_special_tokens)
-        blanked = [{**m, "content": self._blank_special(m["content"])} for m in messages]
-        skeleton = self.apply_chat_template(blanked, add_generation_prompt, tools)
+        skeleton = self.apply_chat_template(
+            self._blank_special(messages), add_generation_prompt, self._blank_special(tools)
+        )
         if len(skeleton) != len(text):
             raise TokenizerError("the chat template changes message content in a way we cannot follow")
         encoding = self._tok.encode_batch([skeleton], add_special_tokens=False)[0]
@@ -231,16 +232,26 @@ class Tokenizer:
         ids += self.encode(text[end:]) if end < len(text) else []
         return self._with_added(ids) if add_special_tokens else ids
 
-    def _has_special(self, text: str) -> bool:
-        return any(t in text for t in self.special_tokens)
+    def _has_special(self, value: Any) -> bool:
+        """Whether any string in `value` (nested lists and dicts, keys included) holds special-token text."""
+        if isinstance(value, str):
+            return any(t in value for t in self.special_tokens)
+        if isinstance(value, dict):
+            return any(self._has_special(k) or self._has_special(v) for k, v in value.items())
+        return isinstance(value, list | tuple) and any(self._has_special(v) for v in value)
 
-    def _blank_special(self, text: Any) -> Any:
-        """`text` with each special token's text replaced by as many private-use characters."""
-        if not isinstance(text, str):
-            return text
-        for token in self.special_tokens:
-            text = text.replace(token, _BLANK * len(token))
-        return text
+    def _blank_special(self, value: Any) -> Any:
+        """`value` with each special token's text, in every string, replaced by as many private-use
+        characters: the same lengths, so the template renders the same layout."""
+        if isinstance(value, str):
+            for token in self.special_tokens:
+                value = value.replace(token, _BLANK * len(token))
+            return value
+        if isinstance(value, dict):
+            return {self._blank_special(k): self._blank_special(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._blank_special(v) for v in value]
+        return value
 
     def encode_batch(self, texts: list[str], parse_special: bool = False) -> list[list[int]]:
         tok = self._tok if parse_special else self._plain
