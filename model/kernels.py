@@ -10,6 +10,7 @@ serve, with the same results, more slowly.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -17,7 +18,8 @@ from pathlib import Path
 
 log = logging.getLogger("model.kernels")
 
-_SOURCES = sorted(str(p) for p in (Path(__file__).parent / "csrc").glob("*.cpp"))
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = sorted(str(p) for p in _CSRC.glob("*.cpp"))
 _lock = threading.Lock()
 _loaded: list[bool] = []
 
@@ -43,9 +45,12 @@ def load_cpu_kernels() -> bool:
 
 
 def kernel_build_directory() -> Path:
-    """Where the kernels are built: torch's extensions folder (TORCH_EXTENSIONS_DIR overrides it)."""
+    """Where the kernels are built: torch's extensions folder (TORCH_EXTENSIONS_DIR overrides it), one
+    folder per checkout. The build names its sources by path, so two checkouts sharing a folder would
+    each rebuild (and wait on each other) every time the other had built."""
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    return Path(base) / "tinyserve_cpu_kernels"
+    checkout = hashlib.sha256(str(_CSRC.resolve()).encode()).hexdigest()[:12]
+    return Path(base) / f"tinyserve_cpu_kernels-{checkout}"
 
 
 def _build_and_load() -> None:
