@@ -101,16 +101,18 @@ def start_process(
         proc = subprocess.Popen(list(command), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = RunningServer(proc, f"http://127.0.0.1:{port}", model, log_path)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            r = httpx.get(server.url + ready_path, headers=headers, timeout=2, trust_env=False)
-            if r.status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+    # One client for all the polls: each new one builds an SSL context, CPU the starting server needs.
+    with httpx.Client(headers=headers, timeout=2, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                log = server.log()[-4000:]
+                raise RuntimeError(f"{' '.join(command)} exited with {proc.returncode}:\n{log}")
+            try:
+                if client.get(server.url + ready_path).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"{' '.join(command)} not ready after {timeout:.0f}s:\n{server.log()[-4000:]}")
 

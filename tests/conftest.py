@@ -7,6 +7,7 @@ import json
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,14 +76,14 @@ def long_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     return directory
 
 
-@pytest.fixture(scope="session")
-def start_server(
+@contextmanager
+def _server_starter(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., RunningServer]]:
-    """Start the real server (`python -m server` on 127.0.0.1) with extra flags; all stopped at the end.
+    """A function that starts real servers (`python -m server` on 127.0.0.1); all stopped at the end.
 
     Eager unless `compiled=True`: compiling the decode buckets costs each server seconds at start-up,
-    so the suite runs the default (compiled) path where it is the subject (the shared API server, the
+    so the suite runs the default (compiled) path where it is the subject (the shared server, the
     fast-path tests) and the many special-flag servers eagerly, to keep `make test` short.
     """
     started: list[RunningServer] = []
@@ -99,3 +100,23 @@ def start_server(
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def start_server(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with extra flags (API key, tiny queues, short grace periods) for one test module;
+    they stop when the module ends (`_server_starter` says which run eagerly)."""
+    with _server_starter(tiny_checkpoint, tmp_path_factory) as start:
+        yield start
+
+
+@pytest.fixture(scope="session")
+def default_server(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """One server with default flags (as `make serve` runs it: compiled decode buckets), shared by every
+    test that needs no flags of its own."""
+    with _server_starter(tiny_checkpoint, tmp_path_factory) as start:
+        yield start(compiled=True)

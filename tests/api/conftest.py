@@ -1,12 +1,12 @@
 """Fixtures running the REAL server as a subprocess on 127.0.0.1 (helpers in bench/harness.py).
 
-`server` is one shared instance with default flags; `start_server` (tests/conftest.py) starts
-more with other flags (API key, tiny queues, short grace periods), each stopped at the end of the session.
+`server` is the suite's shared server with default flags (`default_server`, tests/conftest.py), unless
+a module defines its own; `start_server` starts more with other flags, stopped when their module ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -16,8 +16,8 @@ from bench.harness import RunningServer
 
 
 @pytest.fixture(scope="session")
-def server(start_server: Callable[..., RunningServer]) -> RunningServer:
-    return start_server(compiled=True)  # the default path: compiled decode buckets
+def server(default_server: RunningServer) -> RunningServer:
+    return default_server
 
 
 @pytest.fixture

@@ -76,14 +76,14 @@ async def give_up(port: int, path: str, body: dict[str, Any], rng: random.Random
         writer.close()
 
 
-def test_cut_streams_and_abandoned_requests_free_everything(rel_server: RunningServer) -> None:
-    port = port_of(rel_server.url)
+def test_cut_streams_and_abandoned_requests_free_everything(default_server: RunningServer) -> None:
+    port = port_of(default_server.url)
     rng = random.Random(7)
-    jobs = [(cut_stream, *body_for(rng, rel_server.model, i, True)) for i in range(STREAMS)]
-    jobs += [(give_up, *body_for(rng, rel_server.model, i, False)) for i in range(NON_STREAMING)]
+    jobs = [(cut_stream, *body_for(rng, default_server.model, i, True)) for i in range(STREAMS)]
+    jobs += [(give_up, *body_for(rng, default_server.model, i, False)) for i in range(NON_STREAMING)]
     rng.shuffle(jobs)
     outcomes: dict[str, int] = {}
-    before = scrape(rel_server.url).request_counters()
+    before = scrape(default_server.url).request_counters()
 
     async def main() -> float:
         gate = asyncio.Semaphore(CONCURRENCY)
@@ -102,7 +102,7 @@ def test_cut_streams_and_abandoned_requests_free_everything(rel_server: RunningS
     assert sum(outcomes.values()) == STREAMS + NON_STREAMING, outcomes
     assert outcomes.get("timed out", 0) >= NON_STREAMING * 0.9, outcomes  # they really were cut short
 
-    with rel_server.client() as client:
+    with default_server.client() as client:
         stats = wait_idle(client)
         freed_after = time.monotonic() - last_close
         assert (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0), stats
@@ -110,18 +110,18 @@ def test_cut_streams_and_abandoned_requests_free_everything(rel_server: RunningS
         # A fresh request is served at once.
         t0 = time.monotonic()
         r = client.post(
-            "/v1/completions", json={"model": rel_server.model, "prompt": "fresh", "max_tokens": 4}
+            "/v1/completions", json={"model": default_server.model, "prompt": "fresh", "max_tokens": 4}
         )
         fresh_s = time.monotonic() - t0
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
         assert fresh_s < 5, fresh_s  # likewise; typically tens of ms
-    after = scrape(rel_server.url).request_counters()
+    after = scrape(default_server.url).request_counters()
     assert after["started"] - before["started"] == after["ended"] - before["ended"], (before, after)
     assert after["aborted"] - before["aborted"] >= STREAMS * 0.8, (before, after)
     elapsed = last_close - started
     print(f"\n{STREAMS + NON_STREAMING} cut requests in {elapsed:.1f}s; idle {freed_after:.2f}s after the")
     print(f"last close; a fresh request took {1000 * fresh_s:.0f} ms; {outcomes}")
-    assert "Traceback" not in rel_server.log()
+    assert "Traceback" not in default_server.log()
 
 
 def test_aborting_choices_not_yet_admitted_keeps_the_engine_alive(tiny_checkpoint: Path) -> None:

@@ -288,15 +288,15 @@ def encode(body: Any) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def client(rel_server: RunningServer) -> Iterator[httpx.Client]:
-    with rel_server.client() as c:
+def client(default_server: RunningServer) -> Iterator[httpx.Client]:
+    with default_server.client() as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def reference(rel_server: RunningServer, client: httpx.Client) -> dict[str, Any]:
+def reference(default_server: RunningServer, client: httpx.Client) -> dict[str, Any]:
     """A greedy answer taken before any bad input: the server must give it again afterwards."""
-    body = {"model": rel_server.model, "prompt": "Reference", "max_tokens": 8, "temperature": 0,
+    body = {"model": default_server.model, "prompt": "Reference", "max_tokens": 8, "temperature": 0,
             "ignore_eos": True}  # fmt: skip
     r = client.post(C, json=body)
     assert r.status_code == 200
@@ -305,7 +305,7 @@ def reference(rel_server: RunningServer, client: httpx.Client) -> dict[str, Any]
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), JSON_CASES)
 def test_bad_json_field(
-    rel_server: RunningServer,
+    default_server: RunningServer,
     client: httpx.Client,
     reference: dict[str, Any],
     path: str,
@@ -313,7 +313,7 @@ def test_bad_json_field(
     status: int,
     param: str | None,
 ) -> None:
-    body = fill(body, rel_server.model)
+    body = fill(body, default_server.model)
     headers = JSON_TYPE
     check_error(client.post(path, content=encode(body), headers=headers), status, param)
     if path in GENERATION and "stream" not in body:
@@ -324,7 +324,7 @@ def test_bad_json_field(
 
 @pytest.mark.parametrize(("path", "raw", "content_type", "status", "param", "streamable"), RAW_CASES)
 def test_bad_raw_body(
-    rel_server: RunningServer,
+    default_server: RunningServer,
     client: httpx.Client,
     reference: dict[str, Any],
     path: str,
@@ -334,7 +334,7 @@ def test_bad_raw_body(
     param: str | None,
     streamable: bool,
 ) -> None:
-    raw = fill(raw, rel_server.model)
+    raw = fill(raw, default_server.model)
     headers = {"content-type": content_type} if content_type else {}
     check_error(client.post(path, content=raw, headers=headers), status, param)
     if streamable:
@@ -345,9 +345,9 @@ def test_bad_raw_body(
 
 @pytest.mark.parametrize(("method", "path", "status"), METHOD_CASES)
 def test_wrong_method_or_route(
-    rel_server: RunningServer, client: httpx.Client, method: str, path: str, status: int
+    default_server: RunningServer, client: httpx.Client, method: str, path: str, status: int
 ) -> None:
-    r = client.request(method, path, json={"model": rel_server.model} if method != "GET" else None)
+    r = client.request(method, path, json={"model": default_server.model} if method != "GET" else None)
     param = "model" if path.startswith("/v1/models/") and method == "GET" else None
     check_error(r, status, param)
 
@@ -358,9 +358,9 @@ def test_oversized_body_on_every_post_route(client: httpx.Client, path: str) -> 
     check_error(client.post(path, content=huge, headers={"content-type": "application/json"}), 413, None)
 
 
-def test_malformed_framing_is_a_4xx(rel_server: RunningServer) -> None:
+def test_malformed_framing_is_a_4xx(default_server: RunningServer) -> None:
     """What httpx will not send: a non-numeric Content-Length, a lying one, a broken chunk."""
-    port = port_of(rel_server.url)
+    port = port_of(default_server.url)
 
     async def send(raw: bytes) -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -385,14 +385,14 @@ def test_malformed_framing_is_a_4xx(rel_server: RunningServer) -> None:
 
 
 def test_server_still_answers_correctly_afterwards(
-    rel_server: RunningServer, client: httpx.Client, reference: dict[str, Any]
+    default_server: RunningServer, client: httpx.Client, reference: dict[str, Any]
 ) -> None:
     for path, body, *_ in JSON_CASES[:40]:
-        r = client.post(path, content=encode(fill(body, rel_server.model)), headers=JSON_TYPE)
+        r = client.post(path, content=encode(fill(body, default_server.model)), headers=JSON_TYPE)
         assert r.status_code < 500
     r = client.post(C, json=reference["body"])
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference["text"]
     stats = wait_idle(client)
     assert (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0)
     assert client.get("/health").status_code == 200
-    assert "Traceback" not in rel_server.log()
+    assert "Traceback" not in default_server.log()

@@ -13,8 +13,8 @@ from bench.harness import RunningServer
 REQUESTS = int(os.environ.get("TINYSERVE_FUZZ_REQUESTS", "400"))
 
 
-def test_fuzzing_from_the_openapi_schema(rel_server: RunningServer) -> None:
-    report = fuzz.fuzz(rel_server.url, REQUESTS, seed=0, alive=lambda: rel_server.proc.poll() is None)
+def test_fuzzing_from_the_openapi_schema(default_server: RunningServer) -> None:
+    report = fuzz.fuzz(default_server.url, REQUESTS, seed=0, alive=lambda: default_server.proc.poll() is None)
     summary = report.summary()
     print(f"\nfuzz: {summary['requests']} requests in {summary['seconds']}s, {summary['status_classes']}, "
           f"metrics series {summary['metrics_series_before_random_paths_and_models']} -> "
@@ -28,4 +28,4 @@ def test_fuzzing_from_the_openapi_schema(rel_server: RunningServer) -> None:
     if report.series_before_probe is not None:  # /metrics present
         assert report.series_before_probe == report.series_after_probe
         assert report.counters is not None and report.counters["started"] == report.counters["ended"]
-    assert "Traceback" not in rel_server.log()
+    assert "Traceback" not in default_server.log()

@@ -58,7 +58,7 @@ async def run_all(port: int, bodies: list[dict[str, Any]]) -> list[tuple[int, st
 
 
 def test_32_long_requests_on_a_cache_for_8(
-    small_cache_server: RunningServer, rel_server: RunningServer
+    small_cache_server: RunningServer, default_server: RunningServer
 ) -> None:
     server = small_cache_server
     port = port_of(server.url)
@@ -89,7 +89,7 @@ def test_32_long_requests_on_a_cache_for_8(
     assert peak["kv_usage"] <= 1.0 and peak["waiting"] > 0, peak  # the cache really was the limit
 
     # The same requests on an unconstrained server (cache for 64 sequences of 512): same greedy text.
-    reference = asyncio.run(run_all(port_of(rel_server.url), jobs(rel_server.model)))
+    reference = asyncio.run(run_all(port_of(default_server.url), jobs(default_server.model)))
     assert [text for _, text, _ in flooded] == [text for _, text, _ in reference]
 
     with server.client() as client:

@@ -27,10 +27,10 @@ P99_TARGET_S = 0.100
 P99_BOUND_S = float(os.environ.get("TINYSERVE_HEALTH_P99_BOUND_S", "0.3"))
 
 
-def test_health_stays_fast_under_megabyte_prompts_and_full_load(rel_server: RunningServer) -> None:
+def test_health_stays_fast_under_megabyte_prompts_and_full_load(default_server: RunningServer) -> None:
     load = subprocess.Popen(
-        [sys.executable, "-m", "tests.reliability.rel_support", str(port_of(rel_server.url)),
-         rel_server.model, str(LOAD_S), str(BIG_PROMPT_CLIENTS)],
+        [sys.executable, "-m", "tests.reliability.rel_support", str(port_of(default_server.url)),
+         default_server.model, str(LOAD_S), str(BIG_PROMPT_CLIENTS)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     latencies: list[float] = []
@@ -38,13 +38,13 @@ def test_health_stays_fast_under_megabyte_prompts_and_full_load(rel_server: Runn
     stop = threading.Event()
 
     def watch() -> None:
-        with httpx.Client(base_url=rel_server.url, timeout=10) as client:
+        with httpx.Client(base_url=default_server.url, timeout=10) as client:
             while not stop.wait(0.25):
                 running.append(client.get("/stats").json()["running"])
 
     watcher = threading.Thread(target=watch, daemon=True)
     try:
-        with httpx.Client(base_url=rel_server.url, timeout=10) as client:
+        with httpx.Client(base_url=default_server.url, timeout=10) as client:
             time.sleep(1.0)  # the load is under way
             watcher.start()
             end = time.monotonic() + LOAD_S - 2.0

@@ -156,14 +156,14 @@ def test_the_key_is_compared_in_constant_time() -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_cors_is_off_by_default(rel_server: RunningServer) -> None:
+def test_cors_is_off_by_default(default_server: RunningServer) -> None:
     origin = {"Origin": "http://evil.example"}
     preflight = {
         **origin,
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization",
     }
-    with rel_server.client() as client:
+    with default_server.client() as client:
         responses = [
             client.options("/v1/chat/completions", headers=preflight),
             client.get("/v1/models", headers=origin),

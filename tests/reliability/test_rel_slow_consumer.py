@@ -79,9 +79,9 @@ def kernel_send_queue(server_port: int, client_port: int) -> int:
     return 0
 
 
-def test_a_stalled_client_does_not_slow_the_others(rel_server: RunningServer) -> None:
-    port = port_of(rel_server.url)
-    model = rel_server.model
+def test_a_stalled_client_does_not_slow_the_others(default_server: RunningServer) -> None:
+    port = port_of(default_server.url)
+    model = default_server.model
     others = [{"model": model, "prompt": f"other stream {i}", "max_tokens": OTHER_TOKENS, "temperature": 0,
                "ignore_eos": True} for i in range(OTHERS)]  # fmt: skip
     slow_body = {"model": model, **SLOW}
@@ -122,7 +122,7 @@ def test_a_stalled_client_does_not_slow_the_others(rel_server: RunningServer) ->
     assert stalled <= 3 * normal + 0.005, (normal, stalled)
 
     # The slow client, resumed, gets its whole output: the same text as without streaming.
-    with rel_server.client() as client:
+    with default_server.client() as client:
         full = client.post("/v1/completions", json=slow_body).json()["choices"]
         assert slow_texts == {c["index"]: c["text"] for c in full}
         wait_idle(client)

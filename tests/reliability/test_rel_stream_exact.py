@@ -75,10 +75,10 @@ def stop_inside(text: str, rng: random.Random) -> str | None:
     return None
 
 
-def test_streamed_text_equals_full_text(rel_server: RunningServer) -> None:
-    port = port_of(rel_server.url)
+def test_streamed_text_equals_full_text(default_server: RunningServer) -> None:
+    port = port_of(default_server.url)
     rng = random.Random(1234)
-    jobs = [plan(rng, i, rel_server.model) for i in range(PROMPTS)]
+    jobs = [plan(rng, i, default_server.model) for i in range(PROMPTS)]
     stats = {"pairs": 0, "stopped": 0, "replacement_chars": 0, "multibyte_chars": 0}
 
     async def check(i: int, path: str, body: dict[str, Any], gate: asyncio.Semaphore) -> None:
