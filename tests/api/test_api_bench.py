@@ -21,7 +21,7 @@ def test_http_overhead_bench_runs(tiny_checkpoint: Path, tmp_path: Path) -> None
         "--streams", "1,2", "--new-tokens", "8", "--repeats", "1", "--threads", "1", "--enforce-eager",
         "--json", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "engine tok/s" in proc.stdout and "http tok/s" in proc.stdout
     rows = json.loads(out.read_text())["results"]

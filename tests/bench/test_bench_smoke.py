@@ -27,7 +27,7 @@ def test_engine_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) -> None
         *("--new-tokens", "8", "--threads", "1", "--repeats", "2", "--json", str(out), "--skip-llamacpp"),
         "--enforce-eager",
     ]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ours/transformers" in proc.stdout
 

@@ -37,7 +37,7 @@ def test_sweep_writes_sane_json_csv_and_plots(tiny_checkpoint: Path, tmp_path: P
         "--output-tokens", str(OUTPUT), "--threads", "1", "--warmup", "1",
         "--out-dir", str(tmp_path), "--tag", "smoke", "--server-arg=--enforce-eager",
     ]  # fmt: skip
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "targets" in proc.stdout
 

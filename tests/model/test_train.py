@@ -256,12 +256,14 @@ def test_shakespeare_preset_uses_its_whole_budget(tmp_path: Path) -> None:
     tiny += ["--intermediate-size", "128", "--vocab-size", "300", "--max-position-embeddings", "64"]
     final = main([
         "--preset", "shakespeare", "--data", str(data), "--out", str(out), *tiny, "--seq-len", "64",
-        "--no-compile", "--time-budget", "4", "--eval-interval", "5", "--log-interval", "5",
+        "--no-compile", "--time-budget", "4", "--eval-interval", "1", "--log-interval", "1",
         "--sample-tokens", "0", "--device", "cpu",
     ])  # fmt: skip
     assert final["stop_reason"] == "time budget" and final["train_elapsed"] >= 4
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len([r for r in records if "val_loss" in r and not r.get("final")]) >= 2
+    # Evaluated at every step (the interval) and never stopped by it, however many steps 4 s allow.
+    evaluated = [r["step"] for r in records if "val_loss" in r and not r.get("final")]
+    assert evaluated == list(range(1, final["step"] + 1)), (evaluated, final["step"])
     tail = Document("tail", text[len(text) - int(len(text) * 0.1) :])
     held_out = evaluate(load_model(out, dtype=torch.float32), Tokenizer.load(out), [tail], seq_len=64)
     assert final["val_bpc"] == pytest.approx(held_out["bpc"], rel=1e-4)

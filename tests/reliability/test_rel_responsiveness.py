@@ -65,7 +65,8 @@ def test_health_stays_fast_under_megabyte_prompts_and_full_load(default_server: 
     print(f"\n/health under load: {len(latencies)} probes, p50 {1000 * p50:.1f} ms, p99 {1000 * p99:.1f} ms, "
           f"max {1000 * max(latencies):.1f} ms (target p99 {1000 * P99_TARGET_S:.0f} ms)")  # fmt: skip
     print(f"load: {counts}, running sequences sampled {max(running, default=0)} at most")
-    assert counts["big_prompts"] >= 3 and counts["big_statuses"] == [400], counts  # tokenized, then refused
+    # Every big-prompt client got at least one through (tokenized, then refused), however slow the box.
+    assert counts["big_prompts"] >= BIG_PROMPT_CLIENTS and counts["big_statuses"] == [400], counts
     assert max(running) == 64, running  # the running batch was full
     assert p99 <= P99_BOUND_S, p99
 
