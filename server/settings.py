@@ -108,6 +108,7 @@ ENGINE_FLAGS = {
     "dtype": EngineFlag(choices=DTYPE_NAMES),
     "quantization": EngineFlag(choices=QUANTIZATIONS),
     "speculative_method": EngineFlag(choices=SPECULATIVE_METHODS),
+    "speculative_model": EngineFlag(type=Path),
     "kv_cache_memory": EngineFlag(type=byte_size),
     "grammar_compile_timeout": EngineFlag(type=positive_float),
     "enable_prefix_caching": EngineFlag(name="no_prefix_caching", negated=True),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 def knob(help: str, default: Any = None) -> Any:
@@ -57,8 +57,11 @@ class EngineConfig:
     )
     speculative_method: str | None = knob(
         "speculative decoding: ngram (prompt lookup: propose the tokens that followed the latest earlier "
-        "occurrence of the sequence's last n-gram; the model verifies them in one decode step) "
-        "(default: none)"
+        "occurrence of the sequence's last n-gram) or draft (a smaller model, --speculative-model, "
+        "proposes them); the model verifies them in one decode step (default: none)"
+    )
+    speculative_model: Path | None = knob(
+        "checkpoint directory of the draft model (--speculative-method draft): same tokenizer, smaller"
     )
     num_speculative_tokens: int = knob("tokens proposed per sequence and step when speculating", 4)
     prompt_lookup_min: int = knob("shortest n-gram the ngram proposer matches", 2)

@@ -121,9 +121,19 @@ class LLMEngine:
         ] + padding
         self.speculator = None
         if config.speculative_method is not None:
-            self.speculator = Speculator(config, self.runner.buckets[-1], self.max_model_len, self.blocks)
+            self.speculator = Speculator(
+                config, self.runner.buckets[-1], self.max_model_len, self.blocks, self.tokenizer, self.device
+            )
+        elif config.speculative_model is not None:
+            raise ValueError("--speculative-model goes with --speculative-method draft, and only with it")
         self.grammars = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.eos_ids)
-        self.runner.warm_up(lambda message: log.info("start-up: %s", message))
+
+        def progress(message: str) -> None:
+            log.info("start-up: %s", message)
+
+        self.runner.warm_up(progress)
+        if self.speculator is not None:
+            self.speculator.warm_up(progress)
         self.requests: dict[int, Request] = {}
         self.steps = 0
         self.last_step: StepStats | None = None
@@ -175,7 +185,7 @@ class LLMEngine:
         for seq in request.sequences:
             seq.matcher = None
             if not seq.is_finished:
-                self.scheduler.remove(seq)
+                self._remove(seq)
         request.done = True
         self.requests.pop(id(request), None)
 
@@ -402,10 +412,16 @@ class LLMEngine:
         )
         outputs: list[Output] = [(request, delta)]
         if finished:
-            self.scheduler.remove(seq)
+            self._remove(seq)
             if all(s.is_finished for s in request.sequences):
                 outputs.append((request, self._finish(request, now)))
         return outputs
+
+    def _remove(self, seq: Sequence) -> None:
+        """`seq` is done: out of the queues, its blocks (and its draft's) freed."""
+        self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _finish(self, request: Request, now: float) -> Finished:
         request.done = True

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from model.tokenizer import Tokenizer
 from server.engine.config import SPECULATIVE_METHODS, EngineConfig
+from server.engine.draft import DraftProposer
 from server.engine.kv_cache import BlockManager
 from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Sequence
@@ -86,13 +90,23 @@ class SpecCounters:
 class Speculator:
     """Proposes tokens for the rows of a decode step and records what the verification accepted."""
 
-    def __init__(self, config: EngineConfig, max_rows: int, max_model_len: int, blocks: BlockManager) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        max_rows: int,
+        max_model_len: int,
+        blocks: BlockManager,
+        tokenizer: Tokenizer,
+        device: torch.device,
+    ) -> None:
         k = config.num_speculative_tokens
-        if config.speculative_method not in SPECULATIVE_METHODS:
+        method = config.speculative_method
+        if method not in SPECULATIVE_METHODS:
             raise ValueError(
-                f"--speculative-method must be one of {', '.join(SPECULATIVE_METHODS)}, "
-                f"got {config.speculative_method!r}"
+                f"--speculative-method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}"
             )
+        if (method == "draft") != (config.speculative_model is not None):
+            raise ValueError("--speculative-model goes with --speculative-method draft, and only with it")
         if config.deterministic:
             raise ValueError("--speculative-method cannot be combined with --deterministic")
         limit = min(MAX_SPECULATIVE_TOKENS, max_rows - 1)
@@ -117,14 +131,38 @@ class Speculator:
         self.counters = SpecCounters()
         self._rows: weakref.WeakKeyDictionary[Sequence, _Row] = weakref.WeakKeyDictionary()
         self._steps = 0
+        self.draft = None
+        if config.speculative_model is not None:
+            self.draft = DraftProposer(
+                config.speculative_model,
+                tokenizer,
+                max_model_len,
+                self.max_batch,
+                blocks.block_size,
+                config.dtype,
+                device,
+                config.enforce_eager,
+            )
 
     @property
     def description(self) -> str:
         """What runs, for the start-up line."""
-        return (
-            f"speculative ngram (k={self.k}, n-grams {self.n_min}-{self.n_max}, "
-            f"off above {self.max_batch} sequences)"
-        )
+        if self.draft is not None:
+            how = (
+                f"draft model {self.draft.directory.name} ({self.draft.num_parameters / 1e6:.1f}M parameters)"
+            )
+        else:
+            how = f"ngram (n-grams {self.n_min}-{self.n_max})"
+        return f"speculative {how}, k={self.k}, off above {self.max_batch} sequences"
+
+    def warm_up(self, progress: Callable[[str], None]) -> None:
+        if self.draft is not None:
+            self.draft.warm_up(progress)
+
+    def release(self, seq: Sequence) -> None:
+        """`seq` is done (finished or aborted): what the proposer keeps for it goes."""
+        if self.draft is not None:
+            self.draft.release(seq)
 
     def propose(self, step: ScheduledStep) -> list[list[int]] | None:
         """Per sequence of a decode-only step (in its order), the tokens to verify ([]: none); None
@@ -134,33 +172,39 @@ class Speculator:
             return None
         if any(s.num_missing_tokens for s in step.sequences):
             return None
-        proposals: list[list[int]] = []
-        rows = len(step)
-        for seq in step.sequences:
-            proposal = self._propose_one(seq, self.max_rows - rows)
-            if proposal and not self.blocks.allocate(seq, seq.num_computed_tokens + len(proposal)):
-                proposal = []
-            rows += len(proposal)
-            proposals.append(proposal)
-        return proposals if rows > len(step) else None
+        rows: list[tuple[int, Sequence, int]] = []
+        room = self.max_rows - len(step)
+        for i, seq in enumerate(step.sequences):
+            k = min(self._limit(seq), room)
+            if k >= 1:
+                rows.append((i, seq, k))
+                room -= k
+        if not rows:
+            return None
+        if self.draft is not None:
+            found = self.draft.propose([(seq, k) for _, seq, k in rows])
+        else:
+            found = [ngram_proposal(seq.token_ids, k, self.n_min, self.n_max) for _, seq, k in rows]
+        proposals: list[list[int]] = [[] for _ in step.sequences]
+        for (i, seq, _), proposal in zip(rows, found, strict=True):
+            if proposal and self.blocks.allocate(seq, seq.num_computed_tokens + len(proposal)):
+                proposals[i] = proposal
+        return proposals if any(proposals) else None
 
-    def _propose_one(self, seq: Sequence, room: int) -> list[int]:
+    def _limit(self, seq: Sequence) -> int:
+        """How many tokens `seq` may have proposed now (0: none)."""
         # Grammar-constrained rows decode plainly: their masks follow the accepted tokens only.
         if seq.matcher is not None:
-            return []
+            return 0
         row = self._rows.get(seq)
         if row is not None and row.rest_until > self._steps:
-            return []
+            return 0
         # The last emitted token may finish the sequence; proposing past that is wasted work.
-        k = min(
+        return min(
             self.k,
-            room,
             seq.request.max_tokens - seq.num_output_tokens - 1,
             self.max_model_len - seq.num_tokens,
         )
-        if k < 1:
-            return []
-        return ngram_proposal(seq.token_ids, k, self.n_min, self.n_max)
 
     def record(self, seq: Sequence, proposed: int, accepted: int, emitted: int) -> None:
         """The verification of one row's `proposed` tokens accepted `accepted` and emitted `emitted`."""

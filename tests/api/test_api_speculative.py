@@ -10,6 +10,7 @@ import pytest
 
 from bench.harness import RunningServer, free_port, scrape
 from tests.api.test_api_metrics import access_lines
+from tests.conftest import make_tiny_checkpoint
 from tests.support import assert_one_line_error, run_server, sse_events
 
 PROMPTS = [
@@ -26,7 +27,11 @@ def servers(start_server: Callable[..., RunningServer]) -> tuple[RunningServer, 
     return start_server(), start_server(*spec)
 
 
-def answers(server: RunningServer, **body: object) -> list[tuple[str, str | None, list[float]]]:
+Answer = tuple[str, str | None, list[float]]
+"""Text, finish reason and token logprobs of one choice."""
+
+
+def answers(server: RunningServer, **body: object) -> list[Answer]:
     with server.client() as client:
         out = []
         for prompt in PROMPTS:
@@ -38,6 +43,12 @@ def answers(server: RunningServer, **body: object) -> list[tuple[str, str | None
         return out
 
 
+def assert_same(a: list[Answer], b: list[Answer]) -> None:
+    for (ta, fa, la), (tb, fb, lb) in zip(a, b, strict=True):
+        assert (ta, fa) == (tb, fb)
+        assert la == pytest.approx(lb, abs=1e-3)
+
+
 def test_answers_are_those_of_plain_decoding(servers: tuple[RunningServer, RunningServer]) -> None:
     plain, spec = servers
     before = scrape(spec.url)
@@ -46,9 +57,7 @@ def test_answers_are_those_of_plain_decoding(servers: tuple[RunningServer, Runni
         {"max_tokens": 30, "temperature": 0.8, "top_k": 5, "seed": 11, "stop": ["\n\n"]},
         {"max_tokens": 25, "temperature": 0, "frequency_penalty": 0.5, "stop": ["x"]},
     ):
-        for (ta, fa, la), (tb, fb, lb) in zip(answers(plain, **body), answers(spec, **body), strict=True):
-            assert (ta, fa) == (tb, fb)
-            assert la == pytest.approx(lb, abs=1e-3)
+        assert_same(answers(plain, **body), answers(spec, **body))
     after = scrape(spec.url)
     accepted = after.get("tinyserve_spec_decode_num_accepted_tokens_total") - before.get(
         "tinyserve_spec_decode_num_accepted_tokens_total"
@@ -74,7 +83,9 @@ def test_streaming_is_the_same_text(servers: tuple[RunningServer, RunningServer]
 
 def test_start_up_line_and_access_line(servers: tuple[RunningServer, RunningServer]) -> None:
     plain, spec = servers
-    assert "speculative ngram (k=3, n-grams 1-5" in spec.log() and "no speculation" in plain.log()
+    assert (
+        "speculative ngram (n-grams 1-5), k=3, off above 4" in spec.log() and "no speculation" in plain.log()
+    )
     answers(spec, max_tokens=40, temperature=0, ignore_eos=True)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -86,12 +97,35 @@ def test_start_up_line_and_access_line(servers: tuple[RunningServer, RunningServ
     assert all("spec_acceptance" not in a for a in access_lines(plain.log()))
 
 
+def test_draft_model_through_the_server(
+    servers: tuple[RunningServer, RunningServer],
+    start_server: Callable[..., RunningServer],
+    tiny_checkpoint: Path,
+) -> None:
+    plain, _ = servers
+    draft = start_server("--speculative-method", "draft", "--speculative-model", str(tiny_checkpoint))
+    body = {"max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    assert_same(answers(plain, **body), answers(draft, **body))
+    assert f"speculative draft model {tiny_checkpoint.name}" in draft.log()
+    assert scrape(draft.url).get("tinyserve_spec_decode_num_accepted_tokens_total") > 0
+
+
+def test_a_draft_with_another_vocabulary_fails_before_the_port_opens(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    other = make_tiny_checkpoint(tmp_path / "other", added_tokens=("<extra>",))
+    args = ("--model", str(tiny_checkpoint), "--port", str(free_port()), "--enforce-eager")
+    draft = ("--speculative-method", "draft", "--speculative-model", str(other))
+    assert_one_line_error(run_server(*args, *draft), "tokenizer is not the served model's")
+
+
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
         (("--deterministic",), "--deterministic"),
         (("--prompt-lookup-min", "4", "--prompt-lookup-max", "2"), "--prompt-lookup-min"),
         (("--num-speculative-tokens", "99"), "--num-speculative-tokens"),
+        (("--speculative-model", "weights/default"), "--speculative-model goes with"),
     ],
 )
 def test_bad_combinations_fail_before_the_port_opens(

@@ -13,6 +13,7 @@ from model.checkpoint import load_model, save_model
 from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
 from server.engine.speculative import ngram_proposal
+from tests.conftest import make_tiny_checkpoint
 from tests.engine.engine_driver import Result, run, submit
 
 SPEC = {"speculative_method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -243,6 +244,62 @@ def test_compiled_verification_matches_and_never_recompiles(make_engine: Callabl
     assert spec.stats().spec_accepted_tokens > 0
 
 
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same tokenizer, other random weights: a draft whose proposals are mostly rejected."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("draft"), seed=1)
+
+
+def test_draft_model_greedy_and_seeded_outputs_are_identical(
+    make_engine: Callable[..., LLMEngine], tiny_checkpoint: Path, other_draft: Path
+) -> None:
+    flags = {"dtype": "float32", "max_num_seqs": 8, "block_size": 4}
+    plain = make_engine(**flags)
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=1)
+    seeded = SamplingParams(max_tokens=30, temperature=0.8, top_k=4, seed=9, ignore_eos=True)
+    for draft in (tiny_checkpoint, other_draft):
+        spec = make_engine(**flags, speculative_method="draft", speculative_model=draft)
+        for params in (greedy, seeded):
+            batch = [(p, params) for p in prompts(plain, 6, seed=4)]
+            before = spec.stats()
+            assert_same(generations(plain, batch), generations(spec, batch))
+            after = spec.stats()
+            drafted = after.spec_draft_tokens - before.spec_draft_tokens
+            accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
+            assert drafted > 0
+            if draft == tiny_checkpoint and params is greedy:
+                assert accepted >= 0.9 * drafted  # the draft is the model: its greedy tokens are the model's
+        assert spec.speculator is not None and spec.speculator.draft is not None
+        draft_blocks = spec.speculator.draft.blocks
+        assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
+        assert draft_blocks.num_free_blocks == draft_blocks.num_blocks  # every shadow released
+
+
+def test_abort_frees_the_draft_models_blocks_too(
+    make_engine: Callable[..., LLMEngine], tiny_checkpoint: Path
+) -> None:
+    engine = make_engine(dtype="float32", speculative_method="draft", speculative_model=tiny_checkpoint)
+    assert engine.speculator is not None and engine.speculator.draft is not None
+    draft = engine.speculator.draft.blocks
+    result = submit(
+        engine, [11, 12, 13, 14] * 6, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    )
+    for _ in range(20):
+        engine.step()
+    assert engine.stats().spec_drafts and draft.num_free_blocks < draft.num_blocks
+    engine.abort(result.request)
+    assert draft.num_free_blocks == draft.num_blocks
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_a_draft_with_another_vocabulary_is_refused(
+    make_engine: Callable[..., LLMEngine], tmp_path: Path
+) -> None:
+    other = make_tiny_checkpoint(tmp_path / "other", added_tokens=("<extra>",))
+    with pytest.raises(ValueError, match="tokenizer is not the served model's"):
+        make_engine(speculative_method="draft", speculative_model=other)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -250,7 +307,9 @@ def test_compiled_verification_matches_and_never_recompiles(make_engine: Callabl
         ({"num_speculative_tokens": 64}, "--num-speculative-tokens must be in [1, "),
         ({"prompt_lookup_min": 4, "prompt_lookup_max": 2}, "--prompt-lookup-min"),
         ({"deterministic": True}, "--deterministic"),
-        ({"speculative_method": "draft"}, "--speculative-method must be one of ngram"),
+        ({"speculative_method": "beam"}, "--speculative-method must be one of ngram, draft"),
+        ({"speculative_method": "draft"}, "--speculative-model goes with --speculative-method draft"),
+        ({"speculative_model": Path("weights/default")}, "--speculative-model goes with"),
     ],
 )
 def test_bad_combinations_fail_at_start(
