@@ -8,7 +8,10 @@ greedy), and total tokens/s with --streams requests at once. The greedy outputs 
 speculation are compared token for token (they must be equal), and the acceptance counters printed.
 
     .venv/bin/python -m bench.speculative --model weights/default --prompts 8 --max-tokens 128
-    .venv/bin/python -m bench.speculative --chat-model DIR --json out.json
+    .venv/bin/python -m bench.speculative --speculative-model DRAFT_DIR --chat-model DIR --json out.json
+
+The chat model (--chat-model) is measured with the ngram proposer only (a draft must share its
+tokenizer, so --speculative-model applies to --model).
 """
 
 from __future__ import annotations
@@ -135,33 +138,43 @@ def measure(
     return out
 
 
-def engines_for(model: Path, args: argparse.Namespace) -> dict[str, LLMEngine]:
+def engines_for(model: Path, args: argparse.Namespace, draft: Path | None) -> dict[str, LLMEngine]:
+    """The plain engine and one per proposer asked for, on the same model and settings."""
     common = {"model": model, "num_threads": args.threads, "max_model_len": args.max_model_len}
-    return {
-        "plain": LLMEngine(EngineConfig(**common)),
-        "ngram": LLMEngine(
+    ngram = {"prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
+    methods = {"ngram": ngram}
+    if draft is not None:
+        methods["draft"] = {"speculative_model": draft}
+    engines = {"plain": LLMEngine(EngineConfig(**common))}
+    for method, flags in methods.items():
+        engines[method] = LLMEngine(
             EngineConfig(
                 **common,
-                speculative_method="ngram",
+                speculative_method=method,
                 num_speculative_tokens=args.num_speculative_tokens,
-                prompt_lookup_min=args.prompt_lookup_min,
-                prompt_lookup_max=args.prompt_lookup_max,
+                **flags,  # type: ignore[arg-type]
             )
-        ),
-    }
+        )
+    return engines
 
 
-def report(name: str, result: dict[str, object], streams: int) -> str:
-    plain, spec = result["plain"], result["ngram"]
-    assert isinstance(plain, dict) and isinstance(spec, dict)
-    one = "single_stream_tokens_per_s"
-    many = f"{streams}_streams_tokens_per_s"
-    rate = spec["accepted_tokens"] / spec["draft_tokens"] if spec["draft_tokens"] else 0.0
-    return (
-        f"| {name} | {plain[one]:.1f} | {spec[one]:.1f} | {spec[one] / plain[one]:.2f}x | "
-        f"{plain[many]:.1f} | {spec[many]:.1f} | {spec[many] / plain[many]:.2f}x | {spec['drafts']} | "
-        f"{rate:.0%} | {'yes' if result['identical'] else 'NO'} |"
-    )
+def report(name: str, result: dict[str, object], streams: int) -> list[str]:
+    """A table row per proposer: its figures against the plain engine's."""
+    plain = result["plain"]
+    assert isinstance(plain, dict)
+    one, many = "single_stream_tokens_per_s", f"{streams}_streams_tokens_per_s"
+    rows = []
+    for method, spec in result.items():
+        if method in ("plain", "identical"):
+            continue
+        assert isinstance(spec, dict)
+        rate = spec["accepted_tokens"] / spec["draft_tokens"] if spec["draft_tokens"] else 0.0
+        rows.append(
+            f"| {name} | {method} | {plain[one]:.1f} | {spec[one]:.1f} | {spec[one] / plain[one]:.2f}x | "
+            f"{plain[many]:.1f} | {spec[many]:.1f} | {spec[many] / plain[many]:.2f}x | {spec['drafts']} | "
+            f"{rate:.0%} | {'yes' if result['identical'] else 'NO'} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -170,6 +183,9 @@ def main() -> None:
     )
     parser.add_argument("--model", type=Path, default=Path("weights/default"))
     parser.add_argument("--chat-model", type=Path, default=None, help="also measure this chat model")
+    parser.add_argument(
+        "--speculative-model", type=Path, default=None, help="also measure this draft model (same tokenizer)"
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts per workload")
     parser.add_argument("--prompt-tokens", type=int, default=384)
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -185,7 +201,7 @@ def main() -> None:
 
     results: dict[str, dict[str, object]] = {}
     tokenizer = Tokenizer.load(args.model)
-    engines = engines_for(args.model, args)
+    engines = engines_for(args.model, args, args.speculative_model)
     workloads = {
         "code": code_prompts(tokenizer, args.prompts, args.prompt_tokens, args.seed),
         "text": text_prompts(tokenizer, args.prompts, args.prompt_tokens),
@@ -195,21 +211,22 @@ def main() -> None:
     for name, prompts in workloads.items():
         results[name] = measure(engines, prompts, args.max_tokens, args.streams)
     if args.chat_model is not None:
-        chat = engines_for(args.chat_model, args)
+        chat = engines_for(args.chat_model, args, None)
         prompts = chat_prompts(Tokenizer.load(args.chat_model), args.prompts)
         results["chat"] = measure(chat, prompts, args.max_tokens, args.streams)
 
     print(
         f"model {args.model}; {args.prompts} prompts per workload, {args.max_tokens} greedy tokens each; "
-        f"ngram k={args.num_speculative_tokens}, n-grams {args.prompt_lookup_min}-{args.prompt_lookup_max}"
+        f"k={args.num_speculative_tokens}, n-grams {args.prompt_lookup_min}-{args.prompt_lookup_max}, "
+        f"draft model {args.speculative_model}"
     )
     print(
-        f"| workload | 1 stream plain tok/s | 1 stream ngram tok/s | speed-up | {args.streams} streams plain "
-        f"tok/s | {args.streams} streams ngram tok/s | ratio | drafts | accepted | same output |"
+        f"| workload | proposer | 1 stream plain tok/s | 1 stream spec tok/s | speed-up | {args.streams} "
+        f"streams plain tok/s | {args.streams} streams spec tok/s | ratio | drafts | accepted | same output |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
-        print(report(name, result, args.streams))
+        print("\n".join(report(name, result, args.streams)))
     if args.json is not None:
         payload = {"config": vars(args), "results": results}
         args.json.write_text(json.dumps(payload, default=str, indent=2))
