@@ -218,5 +218,5 @@ class Speculator:
         if len(row.drafts) == WINDOW:
             total = sum(p for p, _ in row.drafts)
             if sum(a for _, a in row.drafts) < MIN_ACCEPTANCE * total:
-                row.rest_until = self._steps + REST_STEPS
+                row.rest_until = self._steps + REST_STEPS + 1  # the first step it may propose in
                 row.drafts.clear()

@@ -12,7 +12,7 @@ import torch
 from model.checkpoint import load_model, save_model
 from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
-from server.engine.speculative import ngram_proposal
+from server.engine.speculative import REST_STEPS, WINDOW, ngram_proposal
 from tests.conftest import make_tiny_checkpoint
 from tests.engine.engine_driver import Result, run, submit
 
@@ -273,6 +273,25 @@ def test_draft_model_greedy_and_seeded_outputs_are_identical(
         draft_blocks = spec.speculator.draft.blocks
         assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
         assert draft_blocks.num_free_blocks == draft_blocks.num_blocks  # every shadow released
+
+
+def test_a_row_whose_proposals_fail_rests(
+    make_engine: Callable[..., LLMEngine], tiny_checkpoint: Path, other_draft: Path
+) -> None:
+    """A draft that is never right gets WINDOW drafts, then rests REST_STEPS steps, and so on; a draft
+    that is always right never rests."""
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    drafts = {}
+    for draft in (other_draft, tiny_checkpoint):
+        engine = make_engine(dtype="float32", speculative_method="draft", speculative_model=draft)
+        run(engine, [submit(engine, [40, 41, 42], params)])
+        drafts[draft] = engine.stats()
+    bad, good = drafts[other_draft], drafts[tiny_checkpoint]
+    assert bad.spec_accepted_tokens < 0.2 * bad.spec_draft_tokens
+    rounds = -(-119 // (WINDOW + REST_STEPS))  # decode steps, in rounds of drafting and resting
+    assert WINDOW <= bad.spec_drafts <= rounds * WINDOW
+    assert good.spec_accepted_tokens >= 0.9 * good.spec_draft_tokens
+    assert good.spec_drafts >= 119 // (good.spec_emitted_tokens / good.spec_drafts) - 1  # every step drafted
 
 
 def test_abort_frees_the_draft_models_blocks_too(
