@@ -140,7 +140,12 @@ def measure(
 
 def engines_for(model: Path, args: argparse.Namespace, draft: Path | None) -> dict[str, LLMEngine]:
     """The plain engine and one per proposer asked for, on the same model and settings."""
-    common = {"model": model, "num_threads": args.threads, "max_model_len": args.max_model_len}
+    common = {
+        "model": model,
+        "num_threads": args.threads,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+    }
     ngram = {"prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
     methods = {"ngram": ngram}
     if draft is not None:
@@ -191,6 +196,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--streams", type=int, default=16, help="requests at once for the throughput check")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--prompt-lookup-min", type=int, default=2)
     parser.add_argument("--prompt-lookup-max", type=int, default=5)

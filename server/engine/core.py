@@ -98,12 +98,18 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.prefill_chunk_tokens, aligned_chunks=config.deterministic
         )
+        self.speculator = None
+        if config.speculative_method is not None:
+            self.speculator = Speculator(config, self.max_model_len, self.blocks, self.tokenizer, self.device)
+        elif config.speculative_model is not None:
+            raise ValueError("--speculative-model goes with --speculative-method draft, and only with it")
         self.runner = ModelRunner(
             self.model,
             cache,
             block_size=config.block_size,
             sink_slot=(num_blocks + 1) * config.block_size,
-            max_num_seqs=config.max_num_seqs,
+            # Verification rows go through the decode buckets too: they must reach what it needs.
+            max_num_seqs=max(config.max_num_seqs, self.speculator.max_rows if self.speculator else 0),
             max_model_len=self.max_model_len,
             device=self.device,
             deterministic=config.deterministic,
@@ -119,13 +125,6 @@ class LLMEngine:
             b or self.tokenizer.decode([i], skip_special_tokens=False).encode()
             for i, b in enumerate(self.tokenizer.token_bytes)
         ] + padding
-        self.speculator = None
-        if config.speculative_method is not None:
-            self.speculator = Speculator(
-                config, self.runner.buckets[-1], self.max_model_len, self.blocks, self.tokenizer, self.device
-            )
-        elif config.speculative_model is not None:
-            raise ValueError("--speculative-model goes with --speculative-method draft, and only with it")
         self.grammars = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.eos_ids)
 
         def progress(message: str) -> None:

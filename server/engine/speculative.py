@@ -93,7 +93,6 @@ class Speculator:
     def __init__(
         self,
         config: EngineConfig,
-        max_rows: int,
         max_model_len: int,
         blocks: BlockManager,
         tokenizer: Tokenizer,
@@ -109,9 +108,8 @@ class Speculator:
             raise ValueError("--speculative-model goes with --speculative-method draft, and only with it")
         if config.deterministic:
             raise ValueError("--speculative-method cannot be combined with --deterministic")
-        limit = min(MAX_SPECULATIVE_TOKENS, max_rows - 1)
-        if not 1 <= k <= limit:
-            raise ValueError(f"--num-speculative-tokens must be in [1, {limit}], got {k}")
+        if not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"--num-speculative-tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {k}")
         if not 1 <= config.prompt_lookup_min <= config.prompt_lookup_max:
             raise ValueError(
                 "--prompt-lookup-min must be at least 1 and at most --prompt-lookup-max, got "
@@ -125,7 +123,8 @@ class Speculator:
         self.k = k
         self.n_min, self.n_max = config.prompt_lookup_min, config.prompt_lookup_max
         self.max_batch = config.speculative_disable_by_batch_size
-        self.max_rows = max_rows
+        self.max_rows = (k + 1) * min(self.max_batch, config.max_num_seqs)
+        """Rows of the largest verify step: the runner compiles decode buckets up to it."""
         self.max_model_len = max_model_len
         self.blocks = blocks
         self.counters = SpecCounters()

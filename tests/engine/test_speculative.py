@@ -233,6 +233,17 @@ def test_max_tokens_inside_an_accepted_run_ends_there(make_engine: Callable[...,
         assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
 
 
+def test_a_single_stream_engine_compiles_buckets_for_its_verify_rows(
+    make_engine: Callable[..., LLMEngine],
+) -> None:
+    engine = make_engine(max_num_seqs=1, **SPEC)  # k = 4: a verify step is 5 rows
+    assert engine.runner.buckets == [1, 2, 4, 8]
+    run(
+        engine, [submit(engine, [9, 8, 7] * 5, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))]
+    )
+    assert engine.stats().spec_drafts > 0
+
+
 def test_compiled_verification_matches_and_never_recompiles(make_engine: Callable[..., LLMEngine]) -> None:
     flags = {"dtype": "float32", "max_num_seqs": 8, "enforce_eager": False}
     plain, spec = make_engine(**flags), make_engine(**flags, **SPEC)
