@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from model.checkpoint import load_model, save_model
 from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
 from server.engine.speculative import REST_STEPS, WINDOW, ngram_proposal
+from server.engine.structured import Constraint
 from tests.conftest import make_tiny_checkpoint
 from tests.engine.engine_driver import Result, run, submit
 
@@ -231,6 +233,44 @@ def test_max_tokens_inside_an_accepted_run_ends_there(make_engine: Callable[...,
         params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
         assert_same(run(plain, [submit(plain, prompt, params)]), run(spec, [submit(spec, prompt, params)]))
         assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
+
+
+def test_stop_strings_inside_an_accepted_run_end_there(make_engine: Callable[..., LLMEngine]) -> None:
+    plain, spec = make_engine(dtype="float32"), make_engine(dtype="float32", **SPEC, num_speculative_tokens=8)
+    free = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for prompt in prompts(plain, 8, seed=1)[::2]:  # the repetitive ones
+        text = run(plain, [submit(plain, prompt, free)])[0].text()
+        # A prefix of the output as the stop string ends it exactly there: late, where the output
+        # loops and proposals are accepted several at a time.
+        for cut in (len(text) * 2 // 3, len(text) - 1):
+            stop = [text[: min(cut, 250)]]
+            params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=stop, logprobs=0)
+            got = run(spec, [submit(spec, prompt, params)])
+            assert_same(run(plain, [submit(plain, prompt, params)]), got)
+            assert got[0].finish_reason() == "stop"
+    assert spec.stats().spec_accepted_tokens > 0
+    assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
+
+
+def test_constrained_rows_decode_plainly_beside_speculating_ones(
+    make_engine: Callable[..., LLMEngine],
+) -> None:
+    plain, spec = make_engine(dtype="float32"), make_engine(dtype="float32", **SPEC)
+    seen = spied(spec)
+    regex = Constraint("regex", "[a-z]{3,30}", "guided_regex")
+    free = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=30, temperature=0.9, seed=4, logprobs=1)
+    out = []
+    for engine in (plain, spec):
+        grammar = engine.grammars.compile(regex)
+        results = [submit(engine, p, free) for p in prompts(engine, 4, seed=9)[::2]]
+        results += [submit(engine, [30, 31, 32] * 4, sampled, grammar) for _ in range(2)]
+        out.append(run(engine, results))
+    assert_same(*out)
+    for r in out[1][2:]:
+        assert re.fullmatch("[a-z]{3,30}", r.text()), r.text()
+    assert any(p[:2] and not any(p[2:]) for p in seen)  # rows 2 and 3 are constrained: never proposed for
+    assert spec.stats().spec_accepted_tokens > 0
 
 
 def test_a_single_stream_engine_compiles_buckets_for_its_verify_rows(
