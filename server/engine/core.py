@@ -246,21 +246,19 @@ class LLMEngine:
         rewind = {i: ready[i].generator.get_state() for i, p in enumerate(drafts) if p and ready[i].generator}
         result = sample(logits, rows, masked, allowed)
         now = time.monotonic()
-        if proposals is not None:
-            for i, seq in enumerate(ready):
-                outputs.extend(self._verify(seq, drafts[i], result, first_row[i], rewind.get(i), now))
-            self._time_step(started)
-            return outputs
         for i, seq in enumerate(ready):
+            row = first_row[i]
             if seq.request.done:
                 continue
-            error = result.errors[i]
+            error = result.errors[row]
             if error is not None:
                 outputs.extend(self._fail_suspect(seq.request, error))
             elif seq.request.max_tokens == 0:  # the prompt was all it asked for
                 outputs.extend(self._append(seq, None, None, now))
+            elif drafts[i]:
+                outputs.extend(self._verify(seq, drafts[i], result, row, rewind.get(i), now))
             else:
-                outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))
+                outputs.extend(self._append(seq, result.token_ids[row], result.logprobs[row], now))
         self._time_step(started)
         return outputs
 
@@ -333,7 +331,7 @@ class LLMEngine:
         request.draft_tokens += len(proposal)
         for j in range(len(proposal) + 1):
             error = result.errors[first + j]
-            if error is not None:
+            if error is not None:  # where decoding alone would have failed too (j = 0: checked already)
                 return outputs + self._fail_suspect(request, error)
             token = result.token_ids[first + j]
             hit = j < len(proposal) and token == proposal[j]
@@ -343,9 +341,8 @@ class LLMEngine:
             emitted += 1
             if seq.is_finished or request.done or not hit:
                 break
-        if proposal:
-            assert self.speculator is not None
-            self.speculator.record(seq, len(proposal), accepted, emitted)
+        assert self.speculator is not None
+        self.speculator.record(seq, len(proposal), accepted, emitted)
         if generator_state is not None and emitted < len(proposal) + 1:
             assert seq.generator is not None
             seq.generator.set_state(generator_state)

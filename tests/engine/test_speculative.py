@@ -273,6 +273,28 @@ def test_constrained_rows_decode_plainly_beside_speculating_ones(
     assert spec.stats().spec_accepted_tokens > 0
 
 
+def test_a_prompt_only_request_finishing_in_a_verify_step_generates_nothing(
+    make_engine: Callable[..., LLMEngine],
+) -> None:
+    """Its last one-token prefill chunk shares a decode-only step with a speculating row."""
+    flags = {"dtype": "float32", "prefill_chunk_tokens": 8}
+    plain, spec = make_engine(**flags), make_engine(**flags, **SPEC)
+    seen = spied(spec)
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    free = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    out = []
+    for engine in (plain, spec):
+        looping = prompts(engine, 8, seed=1)[6]  # proposals accepted from early on
+        arrivals = {12: [(list(range(40, 49)), scored)]}  # 9 tokens: chunks of 8, then 1
+        out.append(run(engine, [submit(engine, looping, free)], arrivals=arrivals))
+    assert_same(*out)
+    only = out[1][1]
+    assert (
+        only.tokens() == [] and only.finish_reason() == "length" and len(only.deltas[0].prompt_logprobs) == 9
+    )
+    assert any(len(p) == 2 and p[0] and not p[1] for p in seen)  # the one-token chunk beside a proposal
+
+
 def test_a_single_stream_engine_compiles_buckets_for_its_verify_rows(
     make_engine: Callable[..., LLMEngine],
 ) -> None:
