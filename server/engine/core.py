@@ -212,10 +212,15 @@ class LLMEngine:
             preempted=len(step.preempted),
             seconds=0.0,
         )
-        # Grammar masks of the rows that sample this step, computed while the forward runs.
-        sampling = [s for s in step.sequences if s.matcher is not None and s.num_missing_tokens == 0]
-        masks = self.grammars.start_masks([s.matcher for s in sampling]) if sampling else None
         proposals = self.speculator.propose(step) if self.speculator is not None else None
+        draft_of = {id(s): p for s, p in zip(step.sequences, proposals, strict=True)} if proposals else {}
+        # Grammar masks of the rows that sample this step (and after each of their proposed tokens),
+        # computed while the forward runs.
+        sampling = [s for s in step.sequences if s.matcher is not None and s.num_missing_tokens == 0]
+        masks = None
+        if sampling:
+            drafted = [draft_of.get(id(s), []) for s in sampling]
+            masks = self.grammars.start_masks([s.matcher for s in sampling], drafted)
         try:
             ready, logits, prompt = self.runner.execute(step, proposals)
         finally:
@@ -232,16 +237,21 @@ class LLMEngine:
             self._time_step(started)
             return outputs
         # Logits rows per ready sequence: one, or with proposals one more per proposed token.
-        drafts = proposals or [[] for _ in ready]
+        drafts = [draft_of.get(id(s), []) for s in ready]
         first_row = [0]
         for proposal in drafts:
             first_row.append(first_row[-1] + 1 + len(proposal))
         rows = [r for s, p in zip(ready, drafts, strict=True) for r in self._sample_rows(s, p)]
-        masked = [first_row[i] for i, s in enumerate(ready) if s.matcher is not None]
+        constrained = [i for i, s in enumerate(ready) if s.matcher is not None]
+        masked = [first_row[i] + j for i in constrained for j in range(1 + len(drafts[i]))]
         allowed = None
         if masks is not None:
-            row_of = {id(s): row for row, s in enumerate(sampling)}
-            mask_rows = [row_of[id(s)] for s in ready if s.matcher is not None]
+            # Bitmask rows follow `sampling`: each sequence's own row, then one per proposed token.
+            mask_row, at = {}, 0
+            for s in sampling:
+                mask_row[id(s)] = at
+                at += 1 + len(draft_of.get(id(s), []))
+            mask_rows = [mask_row[id(ready[i])] + j for i in constrained for j in range(1 + len(drafts[i]))]
             allowed = self.grammars.allowed_tokens(masks, mask_rows, logits.device)
         rewind = {i: ready[i].generator.get_state() for i, p in enumerate(drafts) if p and ready[i].generator}
         result = sample(logits, rows, masked, allowed)

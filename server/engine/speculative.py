@@ -29,6 +29,7 @@ from server.engine.draft import DraftProposer
 from server.engine.kv_cache import BlockManager
 from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Sequence
+from server.engine.structured import GrammarCompiler
 
 MAX_SPECULATIVE_TOKENS = 16
 WINDOW = 8
@@ -186,15 +187,14 @@ class Speculator:
             found = [ngram_proposal(seq.token_ids, k, self.n_min, self.n_max) for _, seq, k in rows]
         proposals: list[list[int]] = [[] for _ in step.sequences]
         for (i, seq, _), proposal in zip(rows, found, strict=True):
+            if seq.matcher is not None:  # a constrained row verifies only what its grammar allows
+                proposal = GrammarCompiler.valid_prefix(seq.matcher, proposal)
             if proposal and self.blocks.allocate(seq, seq.num_computed_tokens + len(proposal)):
                 proposals[i] = proposal
         return proposals if any(proposals) else None
 
     def _limit(self, seq: Sequence) -> int:
         """How many tokens `seq` may have proposed now (0: none)."""
-        # Grammar-constrained rows decode plainly: their masks follow the accepted tokens only.
-        if seq.matcher is not None:
-            return 0
         row = self._rows.get(seq)
         if row is not None and row.rest_until > self._steps:
             return 0
