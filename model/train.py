@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--init-from", help="fine-tune this checkpoint (its architecture and tokenizer)")
+    p.add_argument(
+        "--tokenizer-from",
+        help="train a new model on this checkpoint's tokenizer instead of training one (for example a "
+        "draft model for the server's --speculative-model, which must share the served model's tokenizer)",
+    )
     p.add_argument("--freeze-layers", type=int, default=0, help="with --init-from: freeze the first K layers")
     p.add_argument("--resume", help="continue exactly from OUT/resume of an earlier run")
     arch = p.add_argument_group("architecture (default: from the preset)")
@@ -182,6 +187,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    tokenizer_from = getattr(args, "tokenizer_from", None)  # absent from runs saved by older trainers
+    if tokenizer_from and args.init_from:
+        parser.error("--tokenizer-from trains a new model: drop --init-from, which brings its own tokenizer")
+    if tokenizer_from and not args.resume and not Path(tokenizer_from).is_dir():
+        parser.error(f"--tokenizer-from {tokenizer_from}: not a directory")
     if args.init_from:
         explicit = [f for f in ARCH_FLAGS if getattr(args, f) != PRESETS[args.preset][f]]
         if explicit:
@@ -370,12 +380,15 @@ def prepare(args: argparse.Namespace, d: Dist, device: torch.device) -> Prepared
             loaded = load_model(source, dtype=torch.float32)
             config = loaded.config
         else:
-            trained = None
-            if d.main:
-                texts = [doc.text for doc in train_docs]
-                trained = train_tokenizer(texts, args.vocab_size, args.max_position_embeddings).to_str()
-            spec = d.text_from_main(trained, device)
-            tokenizer = Tokenizer.from_str(spec, args.max_position_embeddings)
+            if getattr(args, "tokenizer_from", None):
+                tokenizer = Tokenizer.load(args.tokenizer_from)
+            else:
+                trained = None
+                if d.main:
+                    texts = [doc.text for doc in train_docs]
+                    trained = train_tokenizer(texts, args.vocab_size, args.max_position_embeddings).to_str()
+                spec = d.text_from_main(trained, device)
+                tokenizer = Tokenizer.from_str(spec, args.max_position_embeddings)
             arch = {field: getattr(args, flag) for flag, field in ARCH_FLAGS.items()}
             config = ModelConfig(**{**arch, "vocab_size": tokenizer.vocab_size})
         if args.seq_len > config.max_position_embeddings:
@@ -405,7 +418,7 @@ def prepare(args: argparse.Namespace, d: Dist, device: torch.device) -> Prepared
 
 def save_tokenizer(args: argparse.Namespace, tokenizer: Tokenizer, out: Path) -> None:
     """OUT's tokenizer: the source checkpoint's files as they are, or the one trained here."""
-    source = args.resume or args.init_from
+    source = args.resume or args.init_from or getattr(args, "tokenizer_from", None)
     if source:
         copy_tokenizer_files(source, out)
     else:

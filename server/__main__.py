@@ -122,9 +122,10 @@ def _run(settings: Settings, sockets: list[socket.socket], engine: Any) -> int:
             await super().startup(sockets)
             if self.started:
                 log.info(
-                    "serving %s (%s parameters, %s, %s, %s, KV cache %d tokens, %s) at %s%s",
+                    "serving %s (%s parameters, %s, %s, %s, KV cache %d tokens, %s, %s) at %s%s",
                     app.state.server.model_name, _human(engine.num_parameters), engine.dtype, engine.weights,
-                    engine.device, engine.kv_capacity_tokens, engine.decode_path, _url(sockets[0]),
+                    engine.device, engine.kv_capacity_tokens, engine.decode_path, engine.speculation,
+                    _url(sockets[0]),
                     "".join(f"; /metrics at {_url(s)}/metrics" for s in sockets[1:]),
                 )  # fmt: skip
 

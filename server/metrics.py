@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.engine.outputs import EngineStats, StepStats, Timings
@@ -70,6 +70,21 @@ class _EngineGauges(Collector):
         )
         yield GaugeMetricFamily(
             PREFIX + "kv_cache_usage_perc", "Fraction of the KV cache in use (1 = full).", value=s.kv_usage
+        )
+        # Speculative decoding (vLLM's spec_decode_* names); all 0 when it is off.
+        for name, doc, value in (
+            ("num_drafts", "sequence-steps verified with proposed tokens.", s.spec_drafts),
+            ("num_draft_tokens", "tokens proposed.", s.spec_draft_tokens),
+            ("num_accepted_tokens", "proposed tokens the model accepted.", s.spec_accepted_tokens),
+            ("num_emitted_tokens", "tokens emitted by steps that verified proposals.", s.spec_emitted_tokens),
+        ):
+            doc = f"Speculative decoding: {doc}"
+            yield CounterMetricFamily(f"{PREFIX}spec_decode_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            PREFIX + "spec_decode_mean_acceptance_length",
+            "Speculative decoding: tokens emitted per verified draft, the bonus token included (1 + "
+            "accepted / drafts, as vLLM defines it; 0 before the first draft).",
+            value=1 + s.spec_accepted_tokens / s.spec_drafts if s.spec_drafts else 0.0,
         )
 
 

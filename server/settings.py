@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from model.dtypes import DTYPE_NAMES, QUANTIZATIONS
-from server.engine.config import EngineConfig
+from server.engine.config import SPECULATIVE_METHODS, EngineConfig
 
 ENV_PREFIX = "TINYSERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -107,6 +107,8 @@ ENGINE_FLAGS = {
     "model": EngineFlag(type=Path),
     "dtype": EngineFlag(choices=DTYPE_NAMES),
     "quantization": EngineFlag(choices=QUANTIZATIONS),
+    "speculative_method": EngineFlag(choices=SPECULATIVE_METHODS),
+    "speculative_model": EngineFlag(type=Path),
     "kv_cache_memory": EngineFlag(type=byte_size),
     "grammar_compile_timeout": EngineFlag(type=positive_float),
     "enable_prefix_caching": EngineFlag(name="no_prefix_caching", negated=True),

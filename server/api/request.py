@@ -97,12 +97,16 @@ class Totals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     timings: list[Timings] = field(default_factory=list)
 
     def add(self, finished: Finished) -> None:
         self.prompt_tokens += finished.prompt_tokens
         self.completion_tokens += finished.completion_tokens
         self.cached_tokens += finished.cached_tokens
+        self.draft_tokens += finished.draft_tokens
+        self.accepted_tokens += finished.accepted_tokens
         self.timings.append(finished.timings)
 
     def usage(self) -> dict[str, Any]:
@@ -449,6 +453,7 @@ class GenerationRequest:
             queue_ms=t["queue_time_ms"],
             ttft_ms=t["time_to_first_token_ms"],
             tpot_ms=t["time_per_token_ms"],
+            spec_acceptance=totals.accepted_tokens / totals.draft_tokens if totals.draft_tokens else None,
         )
         if self.state.settings.log_prompts:
             outputs = ["".join(parts) for _, parts in sorted(self.outputs.items())]

@@ -87,6 +87,7 @@ class AsyncEngine:
         self.weights = self.core.weights
         self.device = str(self.core.device)
         self.decode_path = self.core.runner.path
+        self.speculation = self.core.speculator.description if self.core.speculator else "no speculation"
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()

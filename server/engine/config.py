@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
 
 def knob(help: str, default: Any = None) -> Any:
     """A field with its help text (the flag's, in `python -m server --help`)."""
@@ -52,6 +54,22 @@ class EngineConfig:
     grammar_compile_timeout: float = knob(
         "seconds a new JSON Schema, regex or grammar may take to compile before its request is refused (400)",
         10.0,
+    )
+    speculative_method: str | None = knob(
+        "speculative decoding: ngram (prompt lookup: propose the tokens that followed the latest earlier "
+        "occurrence of the sequence's last n-gram) or draft (a smaller model, --speculative-model, "
+        "proposes them); the model verifies them in one decode step (default: none)"
+    )
+    speculative_model: Path | None = knob(
+        "checkpoint directory of the draft model (--speculative-method draft): same tokenizer, smaller"
+    )
+    num_speculative_tokens: int = knob("tokens proposed per sequence and step when speculating", 4)
+    prompt_lookup_min: int = knob("shortest n-gram the ngram proposer matches", 2)
+    prompt_lookup_max: int = knob("longest n-gram the ngram proposer matches (tried first)", 5)
+    speculative_disable_by_batch_size: int = knob(
+        "no speculation in a step that decodes more sequences than this (verifying costs compute a "
+        "larger batch no longer has to spare)",
+        4,
     )
     num_threads: int | None = knob("torch CPU threads (default: torch's)")
     seed: int = knob("engine seed for unseeded requests", 0)

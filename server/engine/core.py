@@ -29,9 +29,10 @@ from server.engine.outputs import (
 )
 from server.engine.params import ParamError, SamplingParams
 from server.engine.runner import ModelRunner, PromptLogits
-from server.engine.sampler import NON_FINITE_LOGITS, SampleRow, sample, score
+from server.engine.sampler import NON_FINITE_LOGITS, SampleResult, SampleRow, sample, score
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, Status
+from server.engine.speculative import Speculator
 from server.engine.structured import GrammarCompiler, describe_error
 
 log = logging.getLogger("server.engine")
@@ -97,12 +98,18 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.prefill_chunk_tokens, aligned_chunks=config.deterministic
         )
+        self.speculator = None
+        if config.speculative_method is not None:
+            self.speculator = Speculator(config, self.max_model_len, self.blocks, self.tokenizer, self.device)
+        elif config.speculative_model is not None:
+            raise ValueError("--speculative-model goes with --speculative-method draft, and only with it")
         self.runner = ModelRunner(
             self.model,
             cache,
             block_size=config.block_size,
             sink_slot=(num_blocks + 1) * config.block_size,
-            max_num_seqs=config.max_num_seqs,
+            # Verification rows go through the decode buckets too: they must reach what it needs.
+            max_num_seqs=max(config.max_num_seqs, self.speculator.max_rows if self.speculator else 0),
             max_model_len=self.max_model_len,
             device=self.device,
             deterministic=config.deterministic,
@@ -119,7 +126,13 @@ class LLMEngine:
             for i, b in enumerate(self.tokenizer.token_bytes)
         ] + padding
         self.grammars = GrammarCompiler(self.tokenizer.to_json(), self.model_config.vocab_size, self.eos_ids)
-        self.runner.warm_up(lambda message: log.info("start-up: %s", message))
+
+        def progress(message: str) -> None:
+            log.info("start-up: %s", message)
+
+        self.runner.warm_up(progress)
+        if self.speculator is not None:
+            self.speculator.warm_up(progress)
         self.requests: dict[int, Request] = {}
         self.steps = 0
         self.last_step: StepStats | None = None
@@ -171,7 +184,7 @@ class LLMEngine:
         for seq in request.sequences:
             seq.matcher = None
             if not seq.is_finished:
-                self.scheduler.remove(seq)
+                self._remove(seq)
         request.done = True
         self.requests.pop(id(request), None)
 
@@ -199,11 +212,17 @@ class LLMEngine:
             preempted=len(step.preempted),
             seconds=0.0,
         )
-        # Grammar masks of the rows that sample this step, computed while the forward runs.
+        proposals = self.speculator.propose(step) if self.speculator is not None else None
+        draft_of = {id(s): p for s, p in zip(step.sequences, proposals, strict=True)} if proposals else {}
+        # Grammar masks of the rows that sample this step (and after each of their proposed tokens),
+        # computed while the forward runs.
         sampling = [s for s in step.sequences if s.matcher is not None and s.num_missing_tokens == 0]
-        masks = self.grammars.start_masks([s.matcher for s in sampling]) if sampling else None
+        masks = None
+        if sampling:
+            drafted = [draft_of.get(id(s), []) for s in sampling]
+            masks = self.grammars.start_masks([s.matcher for s in sampling], drafted)
         try:
-            ready, logits, prompt = self.runner.execute(step)
+            ready, logits, prompt = self.runner.execute(step, proposals)
         finally:
             if masks is not None:
                 masks.result()  # never leave a mask computation running past a failed step
@@ -217,25 +236,39 @@ class LLMEngine:
         if logits is None:
             self._time_step(started)
             return outputs
-        rows = [self._sample_row(s) for s in ready]
-        masked = [i for i, s in enumerate(ready) if s.matcher is not None]
+        # Logits rows per ready sequence: one, or with proposals one more per proposed token.
+        drafts = [draft_of.get(id(s), []) for s in ready]
+        first_row = [0]
+        for proposal in drafts:
+            first_row.append(first_row[-1] + 1 + len(proposal))
+        rows = [r for s, p in zip(ready, drafts, strict=True) for r in self._sample_rows(s, p)]
+        constrained = [i for i, s in enumerate(ready) if s.matcher is not None]
+        masked = [first_row[i] + j for i in constrained for j in range(1 + len(drafts[i]))]
         allowed = None
         if masks is not None:
-            row_of = {id(s): row for row, s in enumerate(sampling)}
-            mask_rows = [row_of[id(ready[i])] for i in masked]
+            # Bitmask rows follow `sampling`: each sequence's own row, then one per proposed token.
+            mask_row, at = {}, 0
+            for s in sampling:
+                mask_row[id(s)] = at
+                at += 1 + len(draft_of.get(id(s), []))
+            mask_rows = [mask_row[id(ready[i])] + j for i in constrained for j in range(1 + len(drafts[i]))]
             allowed = self.grammars.allowed_tokens(masks, mask_rows, logits.device)
+        rewind = {i: ready[i].generator.get_state() for i, p in enumerate(drafts) if p and ready[i].generator}
         result = sample(logits, rows, masked, allowed)
         now = time.monotonic()
         for i, seq in enumerate(ready):
+            row = first_row[i]
             if seq.request.done:
                 continue
-            error = result.errors[i]
+            error = result.errors[row]
             if error is not None:
                 outputs.extend(self._fail_suspect(seq.request, error))
             elif seq.request.max_tokens == 0:  # the prompt was all it asked for
                 outputs.extend(self._append(seq, None, None, now))
+            elif drafts[i]:
+                outputs.extend(self._verify(seq, drafts[i], result, row, rewind.get(i), now))
             else:
-                outputs.extend(self._append(seq, result.token_ids[i], result.logprobs[i], now))
+                outputs.extend(self._append(seq, result.token_ids[row], result.logprobs[row], now))
         self._time_step(started)
         return outputs
 
@@ -268,19 +301,69 @@ class LLMEngine:
             self.scheduler.add(child, front=True)
         request.held_back.clear()
 
-    def _sample_row(self, seq: Sequence) -> SampleRow:
+    def _sample_rows(self, seq: Sequence, proposal: list[int]) -> list[SampleRow]:
+        """The sampler's view of `seq`'s next token, and of the one after each proposed token (as if
+        the proposals before it had been emitted: penalties and min_tokens see them)."""
         params = seq.params
-        banned: tuple[int, ...] = ()
-        if seq.num_output_tokens < params.min_tokens:
-            banned = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_ids))
         penalties = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
-        return SampleRow(
-            params=params,
-            prompt_ids=seq.token_ids[: seq.num_prompt_tokens] if penalties else [],
-            output_ids=seq.output_ids if penalties else [],
-            generator=seq.generator,
-            banned_ids=banned,
-        )
+        prompt = seq.token_ids[: seq.num_prompt_tokens] if penalties else []
+        output = seq.output_ids if penalties else []
+        rows = []
+        for j in range(len(proposal) + 1):
+            banned: tuple[int, ...] = ()
+            if seq.num_output_tokens + j < params.min_tokens:
+                banned = tuple(params.stop_token_ids) + (() if params.ignore_eos else tuple(self.eos_ids))
+            output_ids = output + proposal[:j] if penalties else []
+            rows.append(SampleRow(params, prompt, output_ids, seq.generator, banned))
+        return rows
+
+    def _verify(
+        self,
+        seq: Sequence,
+        proposal: list[int],
+        result: SampleResult,
+        first: int,
+        generator_state: torch.Tensor | None,
+        now: float,
+    ) -> list[Output]:
+        """Emit the model's tokens at `seq`'s verify rows, one by one, up to the first that differs
+        from its proposal (or ends the sequence), and keep the cache of the proposals accepted.
+
+        Row j's token is what decoding alone would draw after the proposals before it, from the same
+        random numbers: a proposal is accepted exactly when the model draws it (probability p(x): the
+        rejection-sampling rule for a one-token proposal), and a rejection yields the model's own
+        token, drawn from p without x. Greedy rows are token-for-token those of plain decoding, and so
+        are seeded ones: their generator is rewound to where the emitted tokens' draws end.
+        """
+        request = seq.request
+        outputs: list[Output] = []
+        accepted = emitted = 0
+        request.draft_tokens += len(proposal)
+        for j in range(len(proposal) + 1):
+            error = result.errors[first + j]
+            if error is not None:  # where decoding alone would have failed too (j = 0: checked already)
+                return outputs + self._fail_suspect(request, error)
+            token = result.token_ids[first + j]
+            hit = j < len(proposal) and token == proposal[j]
+            accepted += hit
+            request.accepted_tokens += hit  # before _append: it may finish the request
+            outputs.extend(self._append(seq, token, result.logprobs[first + j], now))
+            emitted += 1
+            if seq.is_finished or request.done or not hit:
+                break
+        assert self.speculator is not None
+        self.speculator.record(seq, len(proposal), accepted, emitted)
+        if generator_state is not None and emitted < len(proposal) + 1:
+            assert seq.generator is not None
+            seq.generator.set_state(generator_state)
+            draw = torch.empty(self.model_config.vocab_size, device=self.device, dtype=torch.float32)
+            for _ in range(emitted):  # the draws of the emitted tokens, as the sampler made them
+                draw.exponential_(generator=seq.generator)
+        if not seq.is_finished:
+            seq.num_computed_tokens += accepted
+            self.blocks.trim(seq, seq.num_tokens)
+            self.blocks.register_computed(seq)
+        return outputs
 
     def _logprob(
         self, token_id: int, lp: tuple[float | None, list[tuple[int, float]]], rank: int | None = None
@@ -335,10 +418,16 @@ class LLMEngine:
         )
         outputs: list[Output] = [(request, delta)]
         if finished:
-            self.scheduler.remove(seq)
+            self._remove(seq)
             if all(s.is_finished for s in request.sequences):
                 outputs.append((request, self._finish(request, now)))
         return outputs
+
+    def _remove(self, seq: Sequence) -> None:
+        """`seq` is done: out of the queues, its blocks (and its draft's) freed."""
+        self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def _finish(self, request: Request, now: float) -> Finished:
         request.done = True
@@ -349,6 +438,8 @@ class LLMEngine:
             completion_tokens=request.completion_tokens,
             cached_tokens=request.cached_tokens,
             timings=request.timings,
+            draft_tokens=request.draft_tokens,
+            accepted_tokens=request.accepted_tokens,
         )
 
     def _fail_suspect(self, request: Request, message: str) -> list[Output]:
@@ -370,6 +461,15 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bs = self.blocks.block_size
+        spec = {}
+        if self.speculator is not None:
+            c = self.speculator.counters
+            spec = dict(
+                spec_drafts=c.drafts,
+                spec_draft_tokens=c.draft_tokens,
+                spec_accepted_tokens=c.accepted_tokens,
+                spec_emitted_tokens=c.emitted_tokens,
+            )
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting) + sum(len(r.held_back) for r in self.requests.values()),
@@ -377,4 +477,5 @@ class LLMEngine:
             kv_used_tokens=self.blocks.num_used_blocks * bs,
             prefix_cache_hit_tokens=self.scheduler.prefix_hit_tokens,
             steps=self.steps,
+            **spec,
         )

@@ -108,6 +108,31 @@ class InputBatch:
             self.slot_mapping.np[row] = table[pos // bs] * bs + pos % bs
         self._clear_padding(len(self.seqs), rows)
 
+    def prepare_verify(self, seqs: list[Sequence], proposals: list[list[int]], rows: int) -> int:
+        """Lay out each sequence's new token and then its proposed ones as consecutive rows sharing its
+        block table, each at its own position, so row j attends to rows < j of its sequence (the op
+        writes every row's keys and values before attending). Pad to `rows`; return the rows used.
+
+        The persistent one-row-per-sequence layout is lost: the next decode step rebuilds it.
+        """
+        self.seqs, self._row, self._tables, self._blocks_written = [], {}, [], []
+        bs = self.block_size
+        row = 0
+        for seq, proposal in zip(seqs, proposals, strict=True):
+            table = seq.block_table
+            first = seq.num_computed_tokens - 1
+            n = 1 + len(proposal)
+            end = row + n
+            self.block_tables.np[row:end, : len(table)] = table
+            self.token_ids.np[row:end] = [seq.token_ids[first], *proposal]
+            positions = range(first, first + n)
+            self.positions.np[row:end] = positions
+            self.seq_lens.np[row:end] = range(first + 1, first + n + 1)
+            self.slot_mapping.np[row:end] = [table[p // bs] * bs + p % bs for p in positions]
+            row = end
+        self._clear_padding(row, rows)
+        return row
+
     def device_tensors(self, rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """token ids, positions, slot mapping, block tables, sequence lengths of the first `rows` rows."""
         return (

@@ -95,6 +95,19 @@ class BlockManager:
         seq.block_table.extend(self._take() for _ in range(need))
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks `seq` holds beyond its first `num_tokens` tokens (rejected proposals').
+
+        Only blocks past every computed token go: none of them is published under a hash.
+        """
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:  # nothing cached in it: handed out before cached blocks
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+
     def _chain(self, parent: int | None, tokens: list[int]) -> int:
         return hash((parent, tuple(tokens)))
 

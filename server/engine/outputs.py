@@ -97,6 +97,9 @@ class Finished:
     completion_tokens: int
     cached_tokens: int
     timings: Timings
+    draft_tokens: int = 0
+    """Speculative decoding: tokens proposed for this request, and how many the model accepted."""
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,11 @@ class EngineStats:
     kv_used_tokens: int
     prefix_cache_hit_tokens: int
     steps: int
+    spec_drafts: int = 0
+    """Speculative decoding totals: rows verified with proposals, tokens proposed, accepted, emitted."""
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_emitted_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:

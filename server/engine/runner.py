@@ -119,9 +119,17 @@ class ModelRunner:
         return self.model(tokens, positions, self.cache, CacheBatch(slots[:0], [], decode))
 
     @torch.inference_mode()
-    def execute(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
+    def execute(
+        self, step: ScheduledStep, proposals: list[list[int]] | None = None
+    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
         """Run the step; return the sequences that caught up (in row order), their logits, and the
-        logits of the prompt positions computed for sequences that score their prompt."""
+        logits of the prompt positions computed for sequences that score their prompt.
+
+        With `proposals` (a decode-only step's, per sequence in step order), the sequences come back in
+        step order with 1 + len(proposal) rows of logits each: row j scores the token after proposal j.
+        """
+        if proposals is not None:
+            return self._execute_verify(step, proposals)
         if self.deterministic:
             return self._execute_one_by_one(step)
         if self.fast_path and step.is_decode_only and all(s.num_missing_tokens == 0 for s in step.sequences):
@@ -136,6 +144,17 @@ class ModelRunner:
         ib.prepare_decode(rows)
         logits = self._decode(*ib.device_tensors(rows))
         return list(ib.seqs), logits[:n], []  # every row computes its last token: no prompt position
+
+    def _execute_verify(
+        self, step: ScheduledStep, proposals: list[list[int]]
+    ) -> tuple[list[Sequence], Tensor, list[PromptLogits]]:
+        """Speculative verification as a decode step of more rows, through the same compiled buckets."""
+        ib = self.input_batch
+        need = len(step) + sum(map(len, proposals))
+        rows = next(b for b in self.buckets if b >= need)
+        ib.prepare_verify(step.sequences, proposals, rows)
+        logits = self._decode(*ib.device_tensors(rows))
+        return list(step.sequences), logits[:need], []
 
     # -- the general path --------------------------------------------------------------------------
 

@@ -48,6 +48,9 @@ class Request:
     done: bool = False
     cut: bool = False
     """Its client fell too far behind; nothing more is delivered."""
+    draft_tokens: int = 0
+    """Tokens proposed for its choices by speculative decoding, and how many of them were accepted."""
+    accepted_tokens: int = 0
 
     @property
     def completion_tokens(self) -> int:

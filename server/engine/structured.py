@@ -177,24 +177,43 @@ class GrammarCompiler:
                 log.exception("grammar compile listener failed")
         return CompiledGrammar(constraint, matcher, seconds)
 
-    def start_masks(self, matchers: list[llg.LLMatcher]) -> Future[None]:
-        """Compute the next-token bitmask of each of `matchers` (row i for matchers[i]) in the mask
-        thread, so that it overlaps the step's forward; `allowed_tokens` then waits for it.
+    def start_masks(
+        self, matchers: list[llg.LLMatcher], drafts: list[list[int]] | None = None
+    ) -> Future[None]:
+        """Compute the next-token bitmask of each of `matchers` in the mask thread, so that it overlaps
+        the step's forward; `allowed_tokens` then waits for it. With `drafts` (speculative decoding:
+        tokens the grammar accepts, see `valid_prefix`), matcher i also gets the mask after each of
+        its draft tokens, in the rows that follow its own: the matcher consumes them, then rolls back.
 
         One matcher after another (each call releases the GIL): about 0.1-0.2 ms a row for a JSON
         Schema. llguidance's parallel executor measured slower here, its threads contending with
         torch's for two cores.
         """
-        if self._bitmask.shape[0] < len(matchers):
-            self._bitmask = _bitmask(len(matchers), self.vocab_size)
+        drafts = drafts or [[] for _ in matchers]
+        rows = len(matchers) + sum(map(len, drafts))
+        if self._bitmask.shape[0] < rows:
+            self._bitmask = _bitmask(rows, self.vocab_size)
         bitmask = self._bitmask
         row_bytes = bitmask.shape[1] * bitmask.element_size()
 
         def fill() -> None:
-            for i, matcher in enumerate(matchers):
-                matcher.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+            row = 0
+            for matcher, draft in zip(matchers, drafts, strict=True):
+                matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), row_bytes)
+                for token in draft:
+                    row += 1
+                    matcher.consume_token(token)
+                    matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), row_bytes)
+                row += 1
+                if draft:
+                    matcher.rollback(len(draft))
 
         return self._mask_thread.submit(fill)
+
+    @staticmethod
+    def valid_prefix(matcher: llg.LLMatcher, tokens: list[int]) -> list[int]:
+        """The longest prefix of `tokens` the grammar accepts from `matcher`'s state (left unchanged)."""
+        return tokens[: matcher.validate_tokens(tokens)] if tokens else tokens
 
     def allowed_tokens(self, masks: Future[None], rows: list[int], device: torch.device) -> Tensor:
         """A [len(rows), vocab] boolean tensor: the tokens allowed in bitmask rows `rows`."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,23 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.harness import ROOT, RunningServer, free_port, launch
-from tests.support import sse_events
-
-
-def run_server(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+from bench.harness import RunningServer, free_port, launch
+from tests.support import assert_one_line_error, run_server, sse_events
 
 
 def test_help_lists_every_flag_with_env_and_default() -> None:

@@ -75,7 +75,7 @@ def test_a_crashing_step_fails_its_requests_but_not_the_engine(tiny_checkpoint: 
             runner = engine.core.runner
             execute = runner.execute
 
-            def broken(step):  # type: ignore[no-untyped-def]
+            def broken(step, proposals=None):  # type: ignore[no-untyped-def]
                 runner.execute = execute  # fail once, then behave
                 raise RuntimeError("injected")
 

@@ -146,9 +146,9 @@ def test_n_choices_share_one_prefill(make_engine: Callable[..., LLMEngine]) -> N
     computed: list[int] = []
     execute = engine.runner.execute
 
-    def counting(step):  # type: ignore[no-untyped-def]
+    def counting(step, proposals=None):  # type: ignore[no-untyped-def]
         computed.append(sum(step.num_tokens))
-        return execute(step)
+        return execute(step, proposals)
 
     engine.runner.execute = counting  # type: ignore[method-assign]
     params = SamplingParams(n=3, max_tokens=6, temperature=0, ignore_eos=True)

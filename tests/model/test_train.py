@@ -34,6 +34,8 @@ from model.data import Document, read_corpus, sample_prompt
 from model.evaluate import evaluate
 from model.tokenizer import IM_END, Tokenizer
 from model.train import main, parse_args, parse_duration
+from server.engine.config import EngineConfig
+from server.engine.core import LLMEngine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -269,6 +271,20 @@ def test_shakespeare_preset_uses_its_whole_budget(tmp_path: Path) -> None:
     assert final["val_bpc"] == pytest.approx(held_out["bpc"], rel=1e-4)
 
 
+def test_a_new_model_on_anothers_tokenizer_serves_as_its_draft(
+    trained: Path, corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "draft"
+    small = ("--hidden-size", "32", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "64")
+    _run(corpus, out, "--tokenizer-from", str(trained), *small, "--max-steps", "3")
+    assert Tokenizer.load(out).to_json() == Tokenizer.load(trained).to_json()
+    assert load_model(out).config.hidden_size == 32
+    engine = LLMEngine(
+        EngineConfig(model=trained, enforce_eager=True, speculative_method="draft", speculative_model=out)
+    )
+    assert engine.speculator is not None and engine.speculator.draft is not None
+
+
 def test_parse_duration() -> None:
     assert [parse_duration(s) for s in ("90", "90s", "2m", "1.5h")] == [90, 90, 120, 5400]
 
@@ -280,6 +296,7 @@ def test_parse_duration() -> None:
         (["--seq-len", "256"], "--seq-len 256 exceeds --max-position-embeddings 128"),
         (["--data", "/nonexistent/corpus"], "--data /nonexistent/corpus: no such file or directory"),
         (["--freeze-layers", "1"], "--freeze-layers needs --init-from"),
+        (["--tokenizer-from", "/nonexistent/dir"], "--tokenizer-from /nonexistent/dir: not a directory"),
         (["--time-budget", "soon"], "--time-budget"),
     ],
 )
