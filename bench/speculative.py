@@ -145,6 +145,7 @@ def engines_for(model: Path, args: argparse.Namespace, draft: Path | None) -> di
         "num_threads": args.threads,
         "max_model_len": args.max_model_len,
         "max_num_seqs": args.max_num_seqs,
+        "enforce_eager": args.enforce_eager,
     }
     ngram = {"prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
     methods = {"ngram": ngram}
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--prompt-lookup-max", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enforce-eager", action="store_true", help="no compiled decode steps (smoke runs)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import json
+import os
 import shutil
 import textwrap
 from collections.abc import Callable, Iterator
@@ -117,6 +119,16 @@ def default_server(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
     """One server with default flags (as `make serve` runs it: compiled decode buckets), shared by every
-    test that needs no flags of its own."""
+    test that needs no flags of its own.
+
+    Each xdist worker starts its own, one after the other (a file lock in the run's shared temp
+    folder): the first compiles the buckets, the second finds them in inductor's on-disk cache,
+    instead of both compiling at once on two cores.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
     with _server_starter(tiny_checkpoint, tmp_path_factory) as start:
-        yield start(compiled=True)
+        with (shared / "default-server.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            server = start(compiled=True)
+        yield server

@@ -18,9 +18,9 @@ def test_speculative_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) ->
         *(sys.executable, "-m", "bench.speculative", "--model", str(tiny_checkpoint)),
         *("--speculative-model", str(tiny_checkpoint), "--prompts", "2", "--prompt-tokens", "32"),
         *("--max-tokens", "8", "--streams", "2", "--max-num-seqs", "2", "--threads", "1"),
-        *("--max-model-len", "256", "--json", str(out)),
+        *("--max-model-len", "256", "--enforce-eager", "--json", str(out)),
     ]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| code | ngram |" in proc.stdout and "| text | draft |" in proc.stdout
     results = json.loads(out.read_text())["results"]
