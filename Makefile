@@ -35,8 +35,8 @@ install-dev: $(DEV)
 serve: install
 	$(BIN)/python -m server --model $(MODEL)
 
-# Two workers, whole files to each (module-scoped servers start once): most of a test's time is a
-# server starting or a stream waiting on the other core, so two workers on two cores halve the run.
+# Two workers, whole files to each (a module's servers start once): much of a test's time is a server
+# starting or a client waiting on one, so a second worker uses the second core.
 test: install-dev
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
