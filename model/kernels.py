@@ -75,7 +75,8 @@ def _build_and_load() -> None:
             name="tinyserve_cpu_kernels",
             sources=_SOURCES,
             build_directory=str(build_directory),
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )

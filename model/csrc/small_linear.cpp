@@ -1,14 +1,18 @@
-// y = x @ w.T (+ b) for a few rows: the decode step's projections, where every weight is read once.
+// y = x @ w.T (+ b) for the rows of a decode step: every weight read once, every output row computed alike.
 //
-// At a handful of rows a linear layer is a stream of its weight: the kernel walks the weight rows once,
-// four at a time (independent accumulators keep the FMA units busy), and multiplies each with every
-// input row while it sits in L1. Weights may be bfloat16 or int8 (with a float32 scale per row, model/
-// quantization.py): they are widened to float32 in registers, so a bfloat16 model streams half the
-// bytes and an int8 one a quarter, on any CPU, including those without bfloat16 arithmetic (where
-// torch's own bfloat16 matrix-vector product is slow). Accumulation is in float32.
-// Above `kMaxRows` rows the product is compute-bound and at::linear (MKL / oneDNN) takes over; for
-// int8 weights, one L2-sized tile of rows at a time is widened and multiplied, so no float copy of the
-// whole weight is ever made.
+// At decode batch sizes a linear layer is a stream of its weight. The kernel walks the weight in groups
+// of four rows (prefetching the groups ahead, since four interleaved row streams defeat the hardware
+// prefetcher) and multiplies each group with the input rows, two at a time, while it sits in L1.
+// Weights may be float32, bfloat16 or int8 (with a float32 scale per row, model/quantization.py); they
+// are widened to float32 in registers, so a bfloat16 model streams half the bytes and an int8 one a
+// quarter, on any CPU, including those without bfloat16 arithmetic (where torch's own bfloat16 products
+// are slow). bfloat16 is widened without shuffles: a 32-bit lane holds two bfloat16 values, a shift
+// gives the even one and a mask the odd one, and the input row is permuted once per call to match.
+// Accumulation is in float32, and each output is summed in the same order whatever the number of rows,
+// the tile it falls in or the number of threads: a row's result does not depend on what shares its batch.
+// Above `kMaxRows` rows (prefill) the product is compute-bound and at::linear (MKL / oneDNN) takes over;
+// for int8 weights, one L2-sized tile of rows at a time is widened and multiplied, so no float copy of
+// the whole weight is ever made.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -25,7 +29,10 @@
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;
+// The largest decode step the kernel serves; it beats at::linear on widened weights up to here.
+constexpr int64_t kMaxRows = 64;
+// How many four-row weight groups ahead to prefetch (into L2: measured faster than into L1 here).
+constexpr int64_t kPrefetchGroups = 2;
 
 // Whether this CPU has bfloat16 arithmetic (the kernel is built with -march=native). Without it, torch's
 // bfloat16 matrix products are many times slower than float32 ones, so larger batches widen the weight.
@@ -33,24 +40,6 @@ constexpr int64_t kMaxRows = 8;
 constexpr bool kNativeBf16 = true;
 #else
 constexpr bool kNativeBf16 = false;
-#endif
-
-#ifdef __AVX2__
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-inline __m256 load8(const int8_t* p) {
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-}
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 inline float widen(float x) { return x; }
@@ -62,73 +51,155 @@ inline float widen(c10::BFloat16 x) {
   return out;
 }
 
-// Dot products of one input row with four weight rows.
+// Within each full block of 16 features, bfloat16 weights are widened as (even, odd) halves, so the
+// input row is stored in that order too; other weight types keep the natural order.
 template <typename T>
-inline void dot4(const float* x, const T* w0, const T* w1, const T* w2, const T* w3, int64_t k, float* out) {
-  int64_t d = 0;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+constexpr bool kEvenOdd = std::is_same_v<T, c10::BFloat16>;
+
 #ifdef __AVX2__
-  // Explicit AVX2: eight independent accumulators (two per weight row) hide the FMA latency.
-  __m256 s[8];
-  for (auto& v : s) v = _mm256_setzero_ps();
-  for (; d + 16 <= k; d += 16) {
-    const __m256 xa = _mm256_loadu_ps(x + d), xb = _mm256_loadu_ps(x + d + 8);
-    s[0] = _mm256_fmadd_ps(xa, load8(w0 + d), s[0]);
-    s[1] = _mm256_fmadd_ps(xb, load8(w0 + d + 8), s[1]);
-    s[2] = _mm256_fmadd_ps(xa, load8(w1 + d), s[2]);
-    s[3] = _mm256_fmadd_ps(xb, load8(w1 + d + 8), s[3]);
-    s[4] = _mm256_fmadd_ps(xa, load8(w2 + d), s[4]);
-    s[5] = _mm256_fmadd_ps(xb, load8(w2 + d + 8), s[5]);
-    s[6] = _mm256_fmadd_ps(xa, load8(w3 + d), s[6]);
-    s[7] = _mm256_fmadd_ps(xb, load8(w3 + d + 8), s[7]);
-  }
-  a0 = hsum(_mm256_add_ps(s[0], s[1]));
-  a1 = hsum(_mm256_add_ps(s[2], s[3]));
-  a2 = hsum(_mm256_add_ps(s[4], s[5]));
-  a3 = hsum(_mm256_add_ps(s[6], s[7]));
+// Sixteen weights as two float32 vectors, in the order `kEvenOdd<T>` says.
+inline void load16(const float* p, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(p);
+  b = _mm256_loadu_ps(p + 8);
+}
+inline void load16(const c10::BFloat16* p, __m256& a, __m256& b) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+inline void load16(const int8_t* p, __m256& a, __m256& b) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
+}
+// The four horizontal sums [sum(a), sum(b), sum(c), sum(d)].
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
 #endif
-  for (; d < k; ++d) {
-    a0 += x[d] * widen(w0[d]);
-    a1 += x[d] * widen(w1[d]);
-    a2 += x[d] * widen(w2[d]);
-    a3 += x[d] * widen(w3[d]);
+
+// out[r][j] = dot(x row r, weight row j) for the four weight rows w[j] and R (1 or 2) input rows.
+// Per output: one float32 accumulator per lane over the 16-blocks (first half, then second half of
+// each), then the lanes' sum, then the leftover features in order: the same sequence for every R.
+template <typename T, int R>
+inline void tile(const float* const* x, const T* const* w, int64_t k, float out[][4]) {
+  int64_t d = 0;
+  float sums[R][4];
+#ifdef __AVX2__
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (; d + 16 <= k; d += 16) {
+    __m256 xa[R], xb[R];
+    for (int r = 0; r < R; ++r) xa[r] = _mm256_loadu_ps(x[r] + d), xb[r] = _mm256_loadu_ps(x[r] + d + 8);
+    for (int j = 0; j < 4; ++j) {
+      __m256 wa, wb;
+      load16(w[j] + d, wa, wb);
+      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xb[r], wb, _mm256_fmadd_ps(xa[r], wa, acc[r][j]));
+    }
   }
-  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+  for (int r = 0; r < R; ++r) _mm_storeu_ps(sums[r], hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+#else
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) sums[r][j] = 0.f;
+#endif
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) {
+      float s = sums[r][j];
+      for (int64_t e = d; e < k; ++e) s += x[r][e] * widen(w[j][e]);
+      out[r][j] = s;
+    }
 }
 
-// y[rows, n_out] = x[rows, k] @ w[n_out, k].T, each output times its row's scale when `scales` is given.
-template <typename T>
-void gemv_rows(const float* x, const T* w, const float* scales, float* y, int64_t rows, int64_t n_out,
-               int64_t k) {
-  at::parallel_for(0, (n_out + 3) / 4, 16, [&](int64_t begin, int64_t end) {
-    float acc[4];
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t n = q * 4, valid = std::min<int64_t>(4, n_out - n);
+// The input rows as float32 in `buffer`, each full 16-block in the order the weight type is widened in.
+template <typename T, typename In>
+const float* prepare_input(const In* x, int64_t rows, int64_t k, std::vector<float>& buffer) {
+  buffer.resize(rows * k);
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* src = x + r * k;
+    float* dst = buffer.data() + r * k;
+    int64_t d = 0;
+    if (kEvenOdd<T>)
+      for (; d + 16 <= k; d += 16)
+        for (int64_t i = 0; i < 8; ++i) dst[d + i] = widen(src[d + 2 * i]), dst[d + 8 + i] = widen(src[d + 2 * i + 1]);
+    for (; d < k; ++d) dst[d] = widen(src[d]);
+  }
+  return buffer.data();
+}
+
+// y[rows, n_out] = x[rows, k] @ w[n_out, k].T, each product times its weight row's scale when `scales`
+// is given, plus the bias when given, rounded once into y's type. Threads split the weight rows, so
+// each streams its own contiguous part.
+template <typename T, typename Out>
+void gemm_rows(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
+               int64_t n_out, int64_t k) {
+  const int64_t groups = (n_out + 3) / 4;
+  const int64_t group_bytes = 4 * k * static_cast<int64_t>(sizeof(T));
+  // Enough groups per task that a thread's share is worth waking it for (about 64 KiB of weight).
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(group_bytes, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    float out[2][4];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n = g * 4, valid = std::min<int64_t>(4, n_out - n);
+#ifdef __AVX2__
+      if (g + kPrefetchGroups < end) {
+        const char* ahead = reinterpret_cast<const char*>(w + (n + 4 * kPrefetchGroups) * k);
+        for (int64_t b = 0; b < group_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+      }
+#endif
       // A last group of fewer than four rows repeats its last row; only the valid outputs are kept.
       const T* rw[4];
       for (int64_t j = 0; j < 4; ++j) rw[j] = w + (n + std::min(j, valid - 1)) * k;
-      for (int64_t r = 0; r < rows; ++r) {
-        dot4(x + r * k, rw[0], rw[1], rw[2], rw[3], k, acc);
-        for (int64_t j = 0; j < valid; ++j) y[r * n_out + n + j] = scales ? acc[j] * scales[n + j] : acc[j];
+      for (int64_t r = 0; r < rows; r += 2) {
+        const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
+        const int64_t here = std::min<int64_t>(2, rows - r);
+        if (here == 2)
+          tile<T, 2>(rx, rw, k, out);
+        else
+          tile<T, 1>(rx, rw, k, out);
+        for (int64_t i = 0; i < here; ++i)
+          for (int64_t j = 0; j < valid; ++j) {
+            float v = scales ? out[i][j] * scales[n + j] : out[i][j];
+            if (bias) v += bias[n + j];
+            y[(r + i) * n_out + n + j] = static_cast<Out>(v);
+          }
       }
     }
   });
 }
 
-// The float32 product `y` [rows, n_out], plus the bias, in x's dtype and leading shape.
-at::Tensor finish(const at::Tensor& y, const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
-  at::Tensor out = y;
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
+// The streamed product for x (float32 or bfloat16, any leading shape), in x's dtype and shape.
+template <typename T>
+at::Tensor streamed(const at::Tensor& x, const at::Tensor& weight, const float* scales, int64_t rows,
+                    const c10::optional<at::Tensor>& bias) {
+  const int64_t k = x.size(-1), n_out = weight.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "tinyserve::linear takes float32 or bfloat16 input, not ", x.scalar_type());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = y.size(1);
-  return out.to(x.scalar_type()).view(shape);
+  shape.back() = n_out;
+  at::Tensor y = at::empty(shape, x.options());
+  if (rows == 0 || n_out == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  thread_local std::vector<float> buffer;
+  const float* xf = x.scalar_type() == at::kFloat
+                        ? prepare_input<T>(xc.data_ptr<float>(), rows, k, buffer)
+                        : prepare_input<T>(xc.data_ptr<c10::BFloat16>(), rows, k, buffer);
+  if (x.scalar_type() == at::kFloat)
+    gemm_rows(xf, weight.data_ptr<T>(), scales, bp, y.data_ptr<float>(), rows, n_out, k);
+  else
+    gemm_rows(xf, weight.data_ptr<T>(), scales, bp, y.data_ptr<c10::BFloat16>(), rows, n_out, k);
+  return y;
 }
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  const int64_t k = x.size(-1), n_out = weight.size(0);
+  const int64_t k = x.size(-1);
   const int64_t rows = k ? x.numel() / k : 0;
   const bool supported = (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16) &&
-                         weight.is_contiguous() && weight.dim() == 2;
+                         weight.is_contiguous() && weight.dim() == 2 &&
+                         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
   if (rows > kMaxRows || !supported) {
     if (!kNativeBf16 && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16) {
       const c10::optional<at::Tensor> b = bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias;
@@ -136,16 +207,8 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10
     }
     return at::linear(x, weight, bias);
   }
-  at::Tensor xf = x.reshape({rows, k}).to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({rows, n_out}, x.options().dtype(at::kFloat));
-  if (rows > 0) {
-    if (weight.scalar_type() == at::kFloat)
-      gemv_rows(xf.data_ptr<float>(), weight.data_ptr<float>(), nullptr, y.data_ptr<float>(), rows, n_out, k);
-    else
-      gemv_rows(xf.data_ptr<float>(), weight.data_ptr<c10::BFloat16>(), nullptr, y.data_ptr<float>(), rows,
-                n_out, k);
-  }
-  return finish(y, x, bias);
+  if (weight.scalar_type() == at::kFloat) return streamed<float>(x, weight, nullptr, rows, bias);
+  return streamed<c10::BFloat16>(x, weight, nullptr, rows, bias);
 }
 
 // Rows of int8 weight widened per L2-sized tile: enough output columns per at::mm to run at its speed.
@@ -160,20 +223,19 @@ at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& qweight, con
   TORCH_CHECK(qweight.size(1) == k, "x has ", k, " features but the weight ", qweight.size(1));
   const int64_t rows = k ? x.numel() / k : 0;
   const at::Tensor w = qweight.contiguous(), s = scales.contiguous();
+  if (rows <= kMaxRows) return streamed<int8_t>(x, w, s.data_ptr<float>(), rows, bias);
   at::Tensor xf = x.reshape({rows, k}).to(at::kFloat).contiguous();
   at::Tensor y = at::empty({rows, n_out}, x.options().dtype(at::kFloat));
-  if (rows > 0 && rows <= kMaxRows) {
-    gemv_rows(xf.data_ptr<float>(), w.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<float>(), rows, n_out,
-              k);
-  } else if (rows > 0) {
-    const int64_t tile = std::max<int64_t>(8, kTileBytes / (4 * std::max<int64_t>(k, 1)));
-    for (int64_t n = 0; n < n_out; n += tile) {
-      const int64_t m = std::min(tile, n_out - n);
-      const at::Tensor wf = w.narrow(0, n, m).to(at::kFloat).mul_(s.narrow(0, n, m).unsqueeze(1));
-      y.narrow(1, n, m).copy_(at::mm(xf, wf.t()));
-    }
+  const int64_t tile = std::max<int64_t>(8, kTileBytes / (4 * std::max<int64_t>(k, 1)));
+  for (int64_t n = 0; n < n_out; n += tile) {
+    const int64_t m = std::min(tile, n_out - n);
+    const at::Tensor wf = w.narrow(0, n, m).to(at::kFloat).mul_(s.narrow(0, n, m).unsqueeze(1));
+    y.narrow(1, n, m).copy_(at::mm(xf, wf.t()));
   }
-  return finish(y, x, bias);
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n_out;
+  return y.to(x.scalar_type()).view(shape);
 }
 
 }  // namespace

@@ -442,14 +442,17 @@ def test_logits_indices_select_rows() -> None:
     assert_close(picked, full[[9, 3]], 1e-4, "logits_indices")
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 40])  # 9 and 40: past the kernel, at::linear serves
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 64, 65])  # 65: past the kernel, at::linear serves
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("out_features", "bias"), [(70, False), (64, True)])  # 70: not a multiple of 4
-def test_serving_linear_equals_f_linear(rows: int, dtype: torch.dtype, out_features: int, bias: bool) -> None:
+@pytest.mark.parametrize(("in_features", "out_features", "bias"), [(48, 70, False), (53, 64, True)])
+def test_serving_linear_equals_f_linear(
+    rows: int, dtype: torch.dtype, in_features: int, out_features: int, bias: bool
+) -> None:
+    """70 outputs: not a multiple of the kernel's four-row groups; 53 inputs: a partial 16-block."""
     load_cpu_kernels()  # without a compiler the op's plain body serves, and this still holds
     gen = torch.Generator().manual_seed(rows)
-    linear = nn.Linear(48, out_features, bias=bias).to(dtype)
-    x = torch.randn(rows, 48, generator=gen).to(dtype)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
     with torch.no_grad():
         b = None if linear.bias is None else linear.bias.float()
         want = F.linear(x.float(), linear.weight.float(), b)
@@ -457,6 +460,26 @@ def test_serving_linear_equals_f_linear(rows: int, dtype: torch.dtype, out_featu
     assert got.shape == (rows, out_features) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(dtype: torch.dtype) -> None:
+    """A decode row's projection is bit-for-bit the same alone, in any batch the kernel serves, and
+    with any number of threads: what shares a step cannot change a sequence's tokens."""
+    if not load_cpu_kernels():
+        pytest.skip("the CPU kernels could not be built here")
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(131, 200, generator=gen).to(dtype)
+    x = torch.randn(64, 200, generator=gen).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([torch.ops.tinyserve.linear(x[i : i + 1], weight, None) for i in range(64)])
+        torch.set_num_threads(2)
+        for rows in (2, 5, 8, 33, 64):
+            assert torch.equal(torch.ops.tinyserve.linear(x[:rows], weight, None), alone[:rows]), rows
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_serving_linears_keep_logits_and_a_zero_row_step() -> None:
