@@ -464,8 +464,8 @@ def phase_timers(engine: LLMEngine) -> Iterator[PhaseTimer]:
         (engine.scheduler, "schedule", "schedule"),
         (engine.runner, "execute", "execute"),
         (engine.runner, "_build", "_build"),
-        (engine.model, "forward", "forward"),  # prefill steps: runner calls self.model(...)
-        (engine.runner, "decode_forward", "forward"),  # decode steps, where the runner has it
+        # The compiled decode step as a whole (dynamo cannot trace a timer inside it), else the model.
+        (engine.runner, "_decode", "forward") if engine.runner.fast_path else (engine.model, "forward", "forward"),
         (engine_module, "sample", "sample"),
         (engine, "_append", "_append"),
         (engine.blocks, "register_computed", "register_computed"),

@@ -5,7 +5,8 @@
 // over (row, kv head, span of the context), flash-decoding style, so one long sequence still uses every
 // thread; each split keeps an online softmax (running max, sum, weighted values) in float32, and the
 // splits of a (row, kv head) are merged at the end. All query heads that share a kv head (GQA) are
-// served by one pass over its keys and values.
+// served by one pass over its keys and values: each key and value row is widened to float32 once, then
+// used by every query head of the group, and the softmax's exponentials are computed eight at a time.
 //
 // Built at run time by model/attention.py with torch.utils.cpp_extension (-O3 -march=native), so the
 // inner loops vectorize for the machine that runs them.
@@ -14,6 +15,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +41,135 @@ inline float load(const c10::BFloat16* p, int64_t i) {
 }
 
 inline float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// One cache row (a key or a value of one head) as float32.
+template <typename T>
+inline void widen_row(const T* src, float* dst, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) dst[d] = load(src, d);
+}
+#ifdef __AVX2__
+template <>
+inline void widen_row(const c10::BFloat16* src, float* dst, int64_t dim) {
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+  }
+  for (; d < dim; ++d) dst[d] = load(src, d);
+}
+#endif
+
+// x[i] = exp(x[i]) for x[i] <= 0 (scores minus their running maximum). AVX2: Cephes' expf (range
+// reduction by ln 2, a degree-6 polynomial, the exponent put back by integer arithmetic), within 2 ulp.
+inline void exp_nonpositive(float* x, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_max_ps(_mm256_loadu_ps(x + i), lo);
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_fnmadd_ps(fx, ln2_lo, _mm256_fnmadd_ps(fx, ln2_hi, v));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, v), v, _mm256_add_ps(v, one));
+    const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+  }
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// Ask for the next block's keys and values of one head while this block is being computed: blocks sit
+// anywhere in the cache, so the hardware prefetcher cannot guess the next one.
+template <typename T>
+inline void prefetch_block(const T* kp, const T* vp, int64_t first, int64_t n, int64_t cache_stride,
+                           int64_t head_offset, int64_t dim) {
+#ifdef __AVX2__
+  const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < n; ++j) {
+    const char* k = reinterpret_cast<const char*>(kp + (first + j) * cache_stride + head_offset);
+    const char* v = reinterpret_cast<const char*>(vp + (first + j) * cache_stride + head_offset);
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(k + b, _MM_HINT_T0), _mm_prefetch(v + b, _MM_HINT_T0);
+  }
+#endif
+}
+
+// scores[g * stride + j] = q_g . keys[j] for the group's query heads and a block's n widened keys.
+// AVX2, dim a multiple of 8: four keys at a time per query head, reduced together.
+inline void block_scores(const float* q, const float* keys, int64_t n, int64_t group, int64_t dim,
+                         float* scores, int64_t stride) {
+#ifdef __AVX2__
+  if (dim % 8 == 0) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      for (int64_t j0 = 0; j0 < n; j0 += 4) {
+        const int64_t here = std::min<int64_t>(4, n - j0);
+        const float* k[4];
+        for (int64_t t = 0; t < 4; ++t) k[t] = keys + (j0 + std::min(t, here - 1)) * dim;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t d = 0; d < dim; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qg + d);
+          a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[0] + d), a0);
+          a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[1] + d), a1);
+          a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[2] + d), a2);
+          a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[3] + d), a3);
+        }
+        const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        float sums[4];
+        _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+        for (int64_t t = 0; t < here; ++t) scores[g * stride + j0 + t] = sums[t];
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t j = 0; j < n; ++j) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) dot += q[g * dim + d] * keys[j * dim + d];
+      scores[g * stride + j] = dot;
+    }
+}
+
+// acc_g += sum_j p[g * stride + j] * values[j] for the group's query heads and a block's n widened
+// values. AVX2, dim a multiple of 8: 64 features of an accumulator stay in registers over the block.
+inline void block_values(const float* p, const float* values, int64_t n, int64_t group, int64_t dim,
+                         float* acc, int64_t stride) {
+  int64_t d0 = 0;
+#ifdef __AVX2__
+  if (dim % 8 == 0) {
+    for (; d0 + 64 <= dim; d0 += 64)
+      for (int64_t g = 0; g < group; ++g) {
+        float* ag = acc + g * dim + d0;
+        __m256 a[8];
+        for (int v = 0; v < 8; ++v) a[v] = _mm256_loadu_ps(ag + 8 * v);
+        for (int64_t j = 0; j < n; ++j) {
+          const __m256 pj = _mm256_set1_ps(p[g * stride + j]);
+          const float* vj = values + j * dim + d0;
+          for (int v = 0; v < 8; ++v) a[v] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * v), a[v]);
+        }
+        for (int v = 0; v < 8; ++v) _mm256_storeu_ps(ag + 8 * v, a[v]);
+      }
+    for (; d0 < dim; d0 += 8)
+      for (int64_t g = 0; g < group; ++g) {
+        __m256 a = _mm256_loadu_ps(acc + g * dim + d0);
+        for (int64_t j = 0; j < n; ++j)
+          a = _mm256_fmadd_ps(_mm256_set1_ps(p[g * stride + j]), _mm256_loadu_ps(values + j * dim + d0), a);
+        _mm256_storeu_ps(acc + g * dim + d0, a);
+      }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += p[g * stride + j] * values[j * dim + d];
+}
 
 constexpr int64_t kSplitTokens = 512;  // context span per task: long rows are split over threads
 
@@ -64,6 +198,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 
   at::parallel_for(0, rows * kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), scores(group * block_size), acc(group * dim), m(group), l(group);
+    std::vector<float> keys(block_size * dim), values(block_size * dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / (kv_heads * splits), h = task / splits % kv_heads, s = task % splits;
       const int64_t len = lens[r], lo = s * span, hi = std::min(len, lo + span);
@@ -81,31 +216,29 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         const int64_t block = tables[r * width + start / block_size];
         const int64_t n = std::min(block_size, hi - start);
         const int64_t first = block * block_size + start % block_size;
+        if (start + block_size < hi) prefetch_block(kp, vp, tables[r * width + start / block_size + 1] * block_size,
+                                                    std::min(block_size, hi - start - block_size), cache_stride,
+                                                    h * head_stride, dim);
+        // The block's keys and values, widened once for every query head of the group.
+        for (int64_t j = 0; j < n; ++j) {
+          widen_row(kp + (first + j) * cache_stride + h * head_stride, keys.data() + j * dim, dim);
+          widen_row(vp + (first + j) * cache_stride + h * head_stride, values.data() + j * dim, dim);
+        }
+        block_scores(qf.data(), keys.data(), n, group, dim, scores.data(), block_size);
         for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * dim;
-          float best = m[g];
-          for (int64_t j = 0; j < n; ++j) {
-            const T* kj = kp + (first + j) * cache_stride + h * head_stride;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * load(kj, d);
-            scores[g * block_size + j] = dot;
-            best = std::max(best, dot);
-          }
+          float* sg = scores.data() + g * block_size;
+          const float best = std::max(m[g], *std::max_element(sg, sg + n));
           const float alpha = std::exp(m[g] - best);  // exp(-inf) = 0 on the first block
-          float* ag = acc.data() + g * dim;
+          for (int64_t j = 0; j < n; ++j) sg[j] -= best;
+          exp_nonpositive(sg, n);
           float sum = l[g] * alpha;
+          for (int64_t j = 0; j < n; ++j) sum += sg[j];
+          float* ag = acc.data() + g * dim;
           for (int64_t d = 0; d < dim; ++d) ag[d] *= alpha;
-          for (int64_t j = 0; j < n; ++j) {
-            const float p = std::exp(scores[g * block_size + j] - best);
-            sum += p;
-            const T* vj = vp + (first + j) * cache_stride + h * head_stride;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) ag[d] += p * load(vj, d);
-          }
           m[g] = best;
           l[g] = sum;
         }
+        block_values(scores.data(), values.data(), n, group, dim, acc.data(), block_size);
       }
       for (int64_t g = 0; g < group; ++g) {
         res[g * part] = m[g];
