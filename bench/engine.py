@@ -460,12 +460,13 @@ class PhaseTimer:
 def phase_timers(engine: LLMEngine) -> Iterator[PhaseTimer]:
     """Time the step's phases; names the engine lacks (it is evolving) are skipped."""
     timer = PhaseTimer()
+    # The compiled decode step as a whole (dynamo cannot trace a timer inside it), else the model.
+    forward = (engine.runner, "_decode") if engine.runner.fast_path else (engine.model, "forward")
     patched = [
         (engine.scheduler, "schedule", "schedule"),
         (engine.runner, "execute", "execute"),
         (engine.runner, "_build", "_build"),
-        # The compiled decode step as a whole (dynamo cannot trace a timer inside it), else the model.
-        (engine.runner, "_decode", "forward") if engine.runner.fast_path else (engine.model, "forward", "forward"),
+        (*forward, "forward"),
         (engine_module, "sample", "sample"),
         (engine, "_append", "_append"),
         (engine.blocks, "register_computed", "register_computed"),
