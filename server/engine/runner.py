@@ -43,8 +43,14 @@ PromptRows = list[tuple[Sequence, int, list[int]]]
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    """Batch sizes with a compiled decode graph: powers of two up to the first >= max_num_seqs."""
-    return [2**i for i in range(math.ceil(math.log2(max_num_seqs)) + 1)]
+    """Batch sizes with a compiled decode graph: powers of two from 2 up to the first >= max_num_seqs.
+
+    No bucket of one row: inductor specializes a dimension of size 1, and that graph's norms round
+    differently in bfloat16 from every larger bucket's, whose rows all compute alike. Starting at two
+    keeps a row's tokens independent of its batch (a speculative verify step included); a padded second
+    row costs next to nothing, since a decode step streams the weights once for any few rows.
+    """
+    return [2**i for i in range(1, max(1, math.ceil(math.log2(max_num_seqs))) + 1)]
 
 
 class ModelRunner:

@@ -303,7 +303,7 @@ def test_a_single_stream_engine_compiles_buckets_for_its_verify_rows(
     make_engine: Callable[..., LLMEngine],
 ) -> None:
     engine = make_engine(max_num_seqs=1, **SPEC)  # k = 4: a verify step is 5 rows
-    assert engine.runner.buckets == [1, 2, 4, 8]
+    assert engine.runner.buckets == [2, 4, 8]
     run(
         engine, [submit(engine, [9, 8, 7] * 5, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))]
     )
@@ -413,3 +413,22 @@ def test_bad_combinations_fail_at_start(
 ) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         make_engine(**{"speculative_method": "ngram", **flags})
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_bfloat16_greedy_verification_is_token_for_token_plain_decoding(
+    make_engine: Callable[..., LLMEngine], enforce_eager: bool
+) -> None:
+    """In bfloat16 too: a verify step's rows are computed exactly as each would be alone (the CPU
+    projections and attention sum every row in the same order whatever shares the batch)."""
+    flags = {"dtype": "bfloat16", "max_num_seqs": 4, "enforce_eager": enforce_eager}
+    plain, spec = make_engine(**flags), make_engine(**flags, **SPEC, num_speculative_tokens=6)
+    # Four sequences of up to 7 verify rows each: steps of up to 28 rows.
+    batch = [
+        (p, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=1))
+        for p in prompts(plain, 4, 3)
+    ]
+    expected, got = generations(plain, batch), generations(spec, batch)
+    for (ta, xa, fa, la), (tb, xb, fb, lb) in zip(outputs(expected), outputs(got), strict=True):
+        assert (ta, xa, fa, la) == (tb, xb, fb, lb)
+    assert spec.stats().spec_accepted_tokens > 0
