@@ -128,9 +128,35 @@ const float* prepare_input(const In* x, int64_t rows, int64_t k, std::vector<flo
   return buffer.data();
 }
 
-// y[rows, n_out] = x[rows, k] @ w[n_out, k].T, each product times its weight row's scale when `scales`
-// is given, plus the bias when given, rounded once into y's type. Threads split the weight rows, so
-// each streams its own contiguous part.
+// Every input row against one group of four weight rows (n to n + valid), two rows per tile: each
+// product times its weight row's scale when `scales` is given, plus the bias when given, rounded once
+// into y's type.
+template <typename W, typename Out>
+void group_rows(const float* x, const W* const* w, int64_t rows, int64_t k, int64_t n, int64_t valid,
+                const float* scales, const float* bias, Out* y, int64_t n_out) {
+  float out[2][4];
+  for (int64_t r = 0; r < rows; r += 2) {
+    const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
+    const int64_t here = std::min<int64_t>(2, rows - r);
+    if (here == 2)
+      tile<W, 2>(rx, w, k, out);
+    else
+      tile<W, 1>(rx, w, k, out);
+    for (int64_t i = 0; i < here; ++i)
+      for (int64_t j = 0; j < valid; ++j) {
+        float v = scales ? out[i][j] * scales[n + j] : out[i][j];
+        if (bias) v += bias[n + j];
+        y[(r + i) * n_out + n + j] = static_cast<Out>(v);
+      }
+  }
+}
+
+// int8 weights are widened with four instructions per eight weights: from this many input rows on, a
+// group is widened once into float32 (exactly, in the same lane order) and every tile reads that.
+constexpr int64_t kWidenInt8Rows = 4;
+
+// y[rows, n_out] = x[rows, k] @ w[n_out, k].T (see group_rows). Threads split the weight rows, so each
+// streams its own contiguous part.
 template <typename T, typename Out>
 void gemm_rows(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
                int64_t n_out, int64_t k) {
@@ -138,8 +164,9 @@ void gemm_rows(const float* x, const T* w, const float* scales, const float* bia
   const int64_t group_bytes = 4 * k * static_cast<int64_t>(sizeof(T));
   // Enough groups per task that a thread's share is worth waking it for (about 64 KiB of weight).
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(group_bytes, 1));
+  const bool widen_first = std::is_same_v<T, int8_t> && rows >= kWidenInt8Rows;
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    float out[2][4];
+    std::vector<float> widened(widen_first ? 4 * k : 0);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n = g * 4, valid = std::min<int64_t>(4, n_out - n);
 #ifdef __AVX2__
@@ -151,20 +178,26 @@ void gemm_rows(const float* x, const T* w, const float* scales, const float* bia
       // A last group of fewer than four rows repeats its last row; only the valid outputs are kept.
       const T* rw[4];
       for (int64_t j = 0; j < 4; ++j) rw[j] = w + (n + std::min(j, valid - 1)) * k;
-      for (int64_t r = 0; r < rows; r += 2) {
-        const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
-        const int64_t here = std::min<int64_t>(2, rows - r);
-        if (here == 2)
-          tile<T, 2>(rx, rw, k, out);
-        else
-          tile<T, 1>(rx, rw, k, out);
-        for (int64_t i = 0; i < here; ++i)
-          for (int64_t j = 0; j < valid; ++j) {
-            float v = scales ? out[i][j] * scales[n + j] : out[i][j];
-            if (bias) v += bias[n + j];
-            y[(r + i) * n_out + n + j] = static_cast<Out>(v);
-          }
+      if (!widen_first) {
+        group_rows(x, rw, rows, k, n, valid, scales, bias, y, n_out);
+        continue;
       }
+      const float* fw[4];
+      for (int64_t j = 0; j < 4; ++j) {
+        float* row = widened.data() + j * k;
+        int64_t d = 0;
+#ifdef __AVX2__
+        for (; d + 16 <= k; d += 16) {
+          __m256 a, b;
+          load16(rw[j] + d, a, b);
+          _mm256_storeu_ps(row + d, a);
+          _mm256_storeu_ps(row + d + 8, b);
+        }
+#endif
+        for (; d < k; ++d) row[d] = widen(rw[j][d]);
+        fw[j] = row;
+      }
+      group_rows(x, fw, rows, k, n, valid, scales, bias, y, n_out);
     }
   });
 }

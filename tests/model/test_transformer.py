@@ -22,6 +22,7 @@ from model.checkpoint import load_model
 from model.config import ModelConfig
 from model.kernels import load_cpu_kernels
 from model.linear import ServingLinear
+from model.quantization import quantize_rows
 from model.transformer import AttentionGroup, CacheBatch, KVCache, Transformer
 from tests.model.model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
 
@@ -462,22 +463,28 @@ def test_serving_linear_equals_f_linear(
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(dtype: torch.dtype) -> None:
-    """A decode row's projection is bit-for-bit the same alone, in any batch the kernel serves, and
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: str) -> None:
+    """A decode row's projection is bit for bit the same alone, in any batch the kernel serves, and
     with any number of threads: what shares a step cannot change a sequence's tokens."""
     if not load_cpu_kernels():
         pytest.skip("the CPU kernels could not be built here")
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(131, 200, generator=gen).to(dtype)
+    dtype = torch.float32 if weights == "float32" else torch.bfloat16
+    weight = torch.randn(131, 200, generator=gen)
     x = torch.randn(64, 200, generator=gen).to(dtype)
+    if weights == "int8":
+        qweight, scales = quantize_rows(weight)
+        project = lambda rows: torch.ops.tinyserve.linear_int8(rows, qweight, scales, None)  # noqa: E731
+    else:
+        project = lambda rows: torch.ops.tinyserve.linear(rows, weight.to(dtype), None)  # noqa: E731
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([torch.ops.tinyserve.linear(x[i : i + 1], weight, None) for i in range(64)])
+        alone = torch.cat([project(x[i : i + 1]) for i in range(64)])
         torch.set_num_threads(2)
         for rows in (2, 5, 8, 33, 64):
-            assert torch.equal(torch.ops.tinyserve.linear(x[:rows], weight, None), alone[:rows]), rows
+            assert torch.equal(project(x[:rows]), alone[:rows]), rows
     finally:
         torch.set_num_threads(threads)
 
