@@ -241,7 +241,7 @@ def completed(r: RawResponse | None) -> bool:
 async def _heavy_load(port: int, model: str, seconds: float, big_prompt_clients: int, streams: int) -> None:
     """Streams that keep the running batch full, and clients posting megabyte prompts back to back."""
     deadline = time.monotonic() + seconds
-    counts = {"streams": 0, "big_prompts": 0, "big_statuses": set()}
+    counts: dict[str, Any] = {"streams": 0, "big_prompts": 0, "big_statuses": set(), "big_seconds": []}
     big = json_body(
         {"model": model, "prompt": "héllo wörld 😀 你好 def f(x): return x\n" * 25_000, "max_tokens": 4}
     )
@@ -258,6 +258,7 @@ async def _heavy_load(port: int, model: str, seconds: float, big_prompt_clients:
             r = await asyncio.wait_for(request(port, "POST", "/v1/completions", big), seconds + 60)
             counts["big_prompts"] += 1
             counts["big_statuses"].add(r.status)
+            counts["big_seconds"].append(r.elapsed)
 
     tasks = [streamer() for _ in range(streams)] + [big_poster() for _ in range(big_prompt_clients)]
     await asyncio.gather(*tasks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -25,6 +26,10 @@ LOAD_S = 8.0
 BIG_PROMPT_CLIENTS = 2  # each posts 1.1 MB prompts back to back (tokenized, then refused: 800k tokens)
 P99_TARGET_S = 0.100
 P99_BOUND_S = float(os.environ.get("TINYSERVE_HEALTH_P99_BOUND_S", "0.3"))
+"""The bound on an idle box; on a loaded one (another test run sharing the cores) it grows to a quarter
+of a megabyte prompt's own round trip (4 s here, mostly tokenization). Were tokenizing on the event
+loop, the two clients posting back to back would keep it blocked, and probes would wait up to a whole
+tokenization: their p99 would be near its full length, far above that bound."""
 
 
 def test_health_stays_fast_under_megabyte_prompts_and_full_load(default_server: RunningServer) -> None:
@@ -68,7 +73,8 @@ def test_health_stays_fast_under_megabyte_prompts_and_full_load(default_server: 
     # Every big-prompt client got at least one through (tokenized, then refused), however slow the box.
     assert counts["big_prompts"] >= BIG_PROMPT_CLIENTS and counts["big_statuses"] == [400], counts
     assert max(running) == 64, running  # the running batch was full
-    assert p99 <= P99_BOUND_S, p99
+    bound = max(P99_BOUND_S, statistics.median(counts["big_seconds"]) / 4)
+    assert p99 <= bound, (p99, counts["big_seconds"])
 
 
 def test_tokenizing_releases_the_gil(tiny_checkpoint: Path) -> None:
