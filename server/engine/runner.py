@@ -2,7 +2,7 @@
 
 Two paths (gpt-fast's prefill/decode split):
 - the decode fast path: a step where every sequence computes its one last token runs one fixed-shape
-  function of the persistent `InputBatch`, padded to a bucket of 1, 2, 4, ... rows and compiled whole
+  function of the persistent `InputBatch`, padded to a bucket of 2, 4, 8, ... rows and compiled whole
   per bucket (`torch.compile(fullgraph=True, dynamic=False)`; CUDA graphs on CUDA) at start-up;
 - the general path, eager: prefill chunks and mixed steps, laid out from the sequences each step.
   Decode rows still attend through the paged op; each prefill chunk is an attention group of its own.
