@@ -13,6 +13,8 @@ Writes JSON, CSV, a Markdown table and PNG plots (matplotlib: `pip install -e '.
     .venv/bin/python -m bench.serve --base-url http://127.0.0.1:8000 --concurrency 1,4,16
     # start our server (and, with --compare-hf, the naive transformers baseline) on free loopback ports
     .venv/bin/python -m bench.serve --random-110m --threads 2 --dtypes float32,bfloat16 --compare-hf
+    # int8 weights beside bfloat16, one stream
+    .venv/bin/python -m bench.serve --random-110m --threads 2 --dtypes bfloat16,bfloat16+int8 --concurrency 1
 
 Every level is bounded by --num-requests and --max-level-seconds, every request by --request-timeout.
 """
@@ -170,7 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtypes",
         type=lambda s: s.split(","),
         default=["float32"],
-        help="our server's dtypes, one sweep each (the first is the baseline's)",
+        help="our server's dtypes, one sweep each (the first is the baseline's); DTYPE+int8 also quantizes "
+        "the weights (--quantization int8), e.g. bfloat16,bfloat16+int8",
     )
     p.add_argument("--threads", type=int, help="torch threads for the servers we start")
     p.add_argument("--server-arg", action="append", default=[], help="extra flags for python -m server")
@@ -190,8 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.model and not (args.model / "config.json").is_file():
         p.error(f"{args.model} is not a checkpoint directory (no config.json)")
     for d in args.dtypes if not args.base_url else []:
-        if d not in ("float32", "bfloat16", "float16"):
+        dtype, _, quantization = d.partition("+")
+        if dtype not in ("float32", "bfloat16", "float16") or quantization not in ("", "int8"):
             p.error(f"--dtypes: unknown dtype {d!r}")
+    if args.compare_hf and "+" in args.dtypes[0]:
+        p.error("--compare-hf: the first of --dtypes is the baseline's, which cannot be quantized")
     if min(args.prompt_tokens, args.output_tokens, args.warmup + 1) < 1 or args.num_requests == 0:
         p.error("--prompt-tokens, --output-tokens and --num-requests must be positive")
     if args.prompt_file and not args.prompt_file.is_file():

@@ -12,7 +12,11 @@ from bench.harness import ROOT, RunningServer, free_port, launch, start_process
 
 
 def our_flags(args: argparse.Namespace, dtype: str) -> list[str]:
+    """`python -m server` flags for one sweep; `dtype` is a --dtypes entry (DTYPE or DTYPE+int8)."""
+    dtype, _, quantization = dtype.partition("+")
     flags = ["--dtype", dtype, "--log-level", "warning"]
+    if quantization:
+        flags += ["--quantization", quantization]
     widest = max(args.concurrency or [args.max_concurrency or 0])
     if widest > 64:  # the server's default --max-num-seqs
         flags += ["--max-num-seqs", str(widest)]

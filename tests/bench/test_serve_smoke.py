@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from bench.harness import ROOT, is_loopback, percentile
-from bench.serve.launch import start_hf
+from bench.serve.cli import parse_args
+from bench.serve.launch import our_flags, start_hf
 from bench.serve.load import chunk_tokens
 from bench.serve.stats import step_histograms, step_time
 
@@ -121,3 +122,14 @@ def test_percentiles_and_metrics_parsing() -> None:
     ms, source = step_time(before, after)
     assert ms == pytest.approx(100.0) and "tinyserve_engine_step_duration_seconds" in source
     assert step_time({}, {}) == (None, None)
+
+
+def test_a_dtypes_entry_can_quantize_the_weights() -> None:
+    args = parse_args(["--model", str(ROOT / "weights" / "default"), "--dtypes", "bfloat16,bfloat16+int8"])
+    plain, quantized = (our_flags(args, d) for d in args.dtypes)
+    assert plain[:2] == quantized[:2] == ["--dtype", "bfloat16"]
+    assert "--quantization" not in plain
+    assert quantized[quantized.index("--quantization") + 1] == "int8"
+    for bad in (["--dtypes", "bfloat16+int4"], ["--dtypes", "bfloat16+int8", "--compare-hf"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", str(ROOT / "weights" / "default"), *bad])
