@@ -20,10 +20,20 @@ for shape in 110m 135m-deep; do
 done
 run $PY -m bench.engine --model weights/default --batch-sizes 1,32 --threads 2 \
   --json $OUT/engine-default-float32.json | tee $OUT/engine-default-float32.md
+# Weight-only int8 beside llama.cpp q8_0 (our bfloat16 alone for the int8/bfloat16 ratio).
+for shape in 110m 135m-deep; do
+  run $PY -m bench.engine --shape $shape --dtype bfloat16 --quantization int8 --batch-sizes 1,32 --threads 2 \
+    --skip-hf --json $OUT/engine-$shape-int8.json | tee $OUT/engine-$shape-int8.md
+done
 
 # Serving: concurrency sweep over HTTP, ours vs a naive one-request-at-a-time transformers server.
 run $PY -m bench.serve --random-110m --threads 2 --dtypes float32,bfloat16 --compare-hf --concurrency 1,4,16
 run $PY -m bench.serve --model weights/default --threads 2 --dtypes float32 --compare-hf --concurrency 1,4,16
+run $PY -m bench.serve --random-110m --threads 2 --dtypes bfloat16,bfloat16+int8 --concurrency 1 \
+  --tag serve-110m-int8
+# Speculative decoding (ngram) against plain decoding: code, prose, sampled prose; 1 and 16 streams.
+run $PY -m bench.speculative --model weights/default --threads 2 --json $OUT/speculative-default.json \
+  | tee $OUT/speculative-default.md
 
 # What HTTP costs over the engine; what structured output costs; prefix-cache TTFT; batch invariance.
 run $PY -m bench.http_overhead --random-110m --streams 1,16 --threads 2 --prompt-tokens 128 --new-tokens 64 \

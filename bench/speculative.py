@@ -2,10 +2,12 @@
 
 Workloads: `code`, completions of prompts cut from held-out standard-library files (the files the
 shipped model's training set left out, chosen by the trainer's own hash split); `text`, free prose
-(the README's paragraphs, where proposals mostly fail); `chat`, questions under a chat model's
-template (only with --chat-model). For each: single-stream decode tokens/s (one request at a time,
-greedy), and total tokens/s with --streams requests at once. The greedy outputs with and without
-speculation are compared token for token (they must be equal), and the acceptance counters printed.
+(the README's paragraphs); `text-sampled`, the same prose sampled at temperature 1 with a seed per
+request, where proposals mostly fail (the greedy shipped model falls into loops that n-grams predict);
+`chat`, questions under a chat model's template (only with --chat-model). For each: single-stream
+decode tokens/s (one request at a time), and total tokens/s with --streams requests at once. Greedy
+outputs with and without speculation are compared token for token (they must be equal; sampled ones
+need only follow the same distribution), and the acceptance counters printed.
 
     .venv/bin/python -m bench.speculative --model weights/default --prompts 8 --max-tokens 128
     .venv/bin/python -m bench.speculative --speculative-model DRAFT_DIR --chat-model DIR --json out.json
@@ -86,16 +88,29 @@ class Run:
     wall_seconds: float
 
 
-def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, together: bool) -> Run:
-    """Greedy completions, one request at a time or all at once."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+def generate(
+    engine: LLMEngine,
+    prompts: list[list[int]],
+    max_tokens: int,
+    together: bool,
+    temperature: float = 0.0,
+    first_seed: int = 0,
+) -> Run:
+    """Completions (greedy, or sampled with seed first_seed + i for prompt i), one request at a time or
+    all at once."""
+
+    def params(i: int) -> SamplingParams:
+        seed = i if temperature else None
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=True)
+
     outputs: list[list[int]] = []
     timings: list[Timings] = []
     start = time.perf_counter()
-    for group in [prompts] if together else [[p] for p in prompts]:
+    numbered = list(enumerate(prompts, start=first_seed))
+    for group in [numbered] if together else [[p] for p in numbered]:
         requests = [
-            Request("bench", p, params, engine.validate(p, params), None, Timings(time.monotonic()))
-            for p in group
+            Request("bench", p, params(i), engine.validate(p, params(i)), None, Timings(time.monotonic()))
+            for i, p in group
         ]
         tokens: dict[int, list[int]] = {id(r): [] for r in requests}
         for request in requests:
@@ -112,29 +127,44 @@ def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, toget
 
 
 def measure(
-    engines: dict[str, LLMEngine], prompts: list[list[int]], max_tokens: int, streams: int
+    engines: dict[str, LLMEngine],
+    prompts: list[list[int]],
+    max_tokens: int,
+    streams: int,
+    temperature: float = 0.0,
 ) -> dict[str, object]:
-    """Single-stream and `streams`-at-once figures of each engine on `prompts`."""
+    """Single-stream and `streams`-at-once figures of each engine on `prompts`.
+
+    Single streams take turns, prompt by prompt (every engine on prompt 1, then on prompt 2, ...), so
+    that a machine whose speed drifts during the run slows every engine alike.
+    """
+    before = {name: engine.stats() for name, engine in engines.items()}
+    alone: dict[str, list[Run]] = {name: [] for name in engines}
+    for i, prompt in enumerate(prompts):
+        for name, engine in engines.items():
+            alone[name].append(generate(engine, [prompt], max_tokens, False, temperature, first_seed=i))
     out: dict[str, object] = {}
     for name, engine in engines.items():
-        before = engine.stats()
-        alone = generate(engine, prompts, max_tokens, together=False)
         after = engine.stats()
-        batch = generate(engine, (prompts * streams)[:streams], max_tokens, together=True)
-        decoded = [len(t) - 1 for t in alone.tokens]
+        batch = generate(
+            engine, (prompts * streams)[:streams], max_tokens, together=True, temperature=temperature
+        )
+        tokens = [run.tokens[0] for run in alone[name]]
+        seconds = [run.decode_seconds[0] for run in alone[name]]
+        decoded = [len(t) - 1 for t in tokens]
         out[name] = {
-            "single_stream_tokens_per_s": sum(decoded) / sum(alone.decode_seconds),
+            "single_stream_tokens_per_s": sum(decoded) / sum(seconds),
             "single_stream_median_tokens_per_s": statistics.median(
-                n / s for n, s in zip(decoded, alone.decode_seconds, strict=True)
+                n / s for n, s in zip(decoded, seconds, strict=True)
             ),
             f"{streams}_streams_tokens_per_s": sum(map(len, batch.tokens)) / batch.wall_seconds,
-            "drafts": after.spec_drafts - before.spec_drafts,
-            "draft_tokens": after.spec_draft_tokens - before.spec_draft_tokens,
-            "accepted_tokens": after.spec_accepted_tokens - before.spec_accepted_tokens,
-            "outputs": alone.tokens,
+            "drafts": after.spec_drafts - before[name].spec_drafts,
+            "draft_tokens": after.spec_draft_tokens - before[name].spec_draft_tokens,
+            "accepted_tokens": after.spec_accepted_tokens - before[name].spec_accepted_tokens,
+            "outputs": tokens,
         }
     outputs = [r.pop("outputs") for r in out.values()]  # type: ignore[attr-defined]
-    out["identical"] = all(o == outputs[0] for o in outputs)
+    out["identical"] = all(o == outputs[0] for o in outputs) if not temperature else None
     return out
 
 
@@ -164,6 +194,9 @@ def engines_for(model: Path, args: argparse.Namespace, draft: Path | None) -> di
     return engines
 
 
+SAME_OUTPUT = {True: "yes", False: "NO", None: "n/a (sampled)"}
+
+
 def report(name: str, result: dict[str, object], streams: int) -> list[str]:
     """A table row per proposer: its figures against the plain engine's."""
     plain = result["plain"]
@@ -178,7 +211,7 @@ def report(name: str, result: dict[str, object], streams: int) -> list[str]:
         rows.append(
             f"| {name} | {method} | {plain[one]:.1f} | {spec[one]:.1f} | {spec[one] / plain[one]:.2f}x | "
             f"{plain[many]:.1f} | {spec[many]:.1f} | {spec[many] / plain[many]:.2f}x | {spec['drafts']} | "
-            f"{rate:.0%} | {'yes' if result['identical'] else 'NO'} |"
+            f"{rate:.0%} | {SAME_OUTPUT[result['identical']]} |"
         )
     return rows
 
@@ -210,21 +243,23 @@ def main() -> None:
     results: dict[str, dict[str, object]] = {}
     tokenizer = Tokenizer.load(args.model)
     engines = engines_for(args.model, args, args.speculative_model)
-    workloads = {
-        "code": code_prompts(tokenizer, args.prompts, args.prompt_tokens, args.seed),
-        "text": text_prompts(tokenizer, args.prompts, args.prompt_tokens),
+    text = text_prompts(tokenizer, args.prompts, args.prompt_tokens)
+    workloads = {  # name: (prompts, temperature)
+        "code": (code_prompts(tokenizer, args.prompts, args.prompt_tokens, args.seed), 0.0),
+        "text": (text, 0.0),
+        "text-sampled": (text, 1.0),
     }
     for engine in engines.values():
-        generate(engine, workloads["text"][:1], 4, together=False)  # warm-up
-    for name, prompts in workloads.items():
-        results[name] = measure(engines, prompts, args.max_tokens, args.streams)
+        generate(engine, text[:1], 4, together=False)  # warm-up
+    for name, (prompts, temperature) in workloads.items():
+        results[name] = measure(engines, prompts, args.max_tokens, args.streams, temperature)
     if args.chat_model is not None:
         chat = engines_for(args.chat_model, args, None)
         prompts = chat_prompts(Tokenizer.load(args.chat_model), args.prompts)
         results["chat"] = measure(chat, prompts, args.max_tokens, args.streams)
 
     print(
-        f"model {args.model}; {args.prompts} prompts per workload, {args.max_tokens} greedy tokens each; "
+        f"model {args.model}; {args.prompts} prompts per workload, {args.max_tokens} tokens each; "
         f"k={args.num_speculative_tokens}, n-grams {args.prompt_lookup_min}-{args.prompt_lookup_max}, "
         f"draft model {args.speculative_model}"
     )

@@ -24,10 +24,12 @@ def test_speculative_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| code | ngram |" in proc.stdout and "| text | draft |" in proc.stdout
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"code", "text"}
-    for workload in results.values():
-        assert workload["identical"] is True
+    assert set(results) == {"code", "text", "text-sampled"}
+    assert "| text-sampled | ngram |" in proc.stdout
+    for name, workload in results.items():
+        assert workload["identical"] is (None if name == "text-sampled" else True)
         for method in ("plain", "ngram", "draft"):
             assert positive(workload[method]["single_stream_tokens_per_s"])
             assert positive(workload[method]["2_streams_tokens_per_s"])
-        assert workload["draft"]["accepted_tokens"] > 0  # the draft is the model itself
+        if name != "text-sampled":  # greedy drafts of a random model rarely survive sampling
+            assert workload["draft"]["accepted_tokens"] > 0  # the draft is the model itself
