@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
+from server.engine import async_engine
 from server.engine.async_engine import AsyncEngine
 from server.engine.config import EngineConfig
 from server.engine.outputs import Delta, EngineError, EngineOverloaded, EngineStopped, Finished, StepStats
@@ -139,3 +141,38 @@ def test_a_failing_step_listener_or_inbox_never_kills_the_engine_thread(tiny_che
             engine.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_one_thread_builds_and_steps_the_core(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading, compiling and every step run on the engine thread, never the caller's: each thread
+    that runs torch's parallel regions gets its own OpenMP pool, which slows them all. A core that
+    fails to build raises in the caller, and an engine never started shuts down at once."""
+    built_on: list[int] = []
+    real_init = async_engine.LLMEngine.__init__
+
+    def recording_init(self, config: EngineConfig) -> None:  # type: ignore[no-untyped-def]
+        built_on.append(threading.get_ident())
+        real_init(self, config)
+
+    monkeypatch.setattr(async_engine.LLMEngine, "__init__", recording_init)
+
+    async def scenario() -> None:
+        engine = AsyncEngine(EngineConfig(model=tiny_checkpoint))
+        assert not engine.is_ready  # built, not started
+        stepped_on: set[int] = set()
+        engine.add_step_listener(lambda _: stepped_on.add(threading.get_ident()))
+        engine.start()
+        try:
+            prompt = await engine.encode("x = 1\n")
+            async for _ in engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0), "a"):
+                pass
+        finally:
+            engine.shutdown()
+        assert stepped_on == set(built_on) and threading.get_ident() not in stepped_on
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="must be one of"):
+        AsyncEngine(EngineConfig(model=tiny_checkpoint, speculative_method="nonsense"))
+    idle = AsyncEngine(EngineConfig(model=tiny_checkpoint))
+    idle.shutdown()
+    assert not idle._thread.is_alive()
