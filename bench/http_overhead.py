@@ -34,8 +34,8 @@ from typing import Any
 
 import httpx
 
-from bench.engine import build_random_110m
 from bench.harness import launch
+from bench.serve.launch import build_random_110m
 from model.tokenizer import Tokenizer
 from server.engine.outputs import Delta
 from server.engine.params import SamplingParams
@@ -230,7 +230,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_random_110m(Path(tmp)) if args.random_110m else args.model
+        # Built in a child process: this one's main thread must run no torch parallel region, or the
+        # in-process engine pays for a second OpenMP pool (see server/engine/async_engine.py).
+        model = build_random_110m(Path(tmp) / "random-110m") if args.random_110m else args.model
         engine = asyncio.run(engine_bench(args, model))
         http = asyncio.run(http_bench(args, model, Path(tmp) / "server.log"))
     name = "random-110m" if args.random_110m else model.name
