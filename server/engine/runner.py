@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,23 @@ from model.transformer import AttentionGroup, CacheBatch, DecodeRows, KVCache, T
 from server.engine.input_batch import InputBatch
 from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Sequence
+
+
+class _GraphCount:
+    """Decode graphs compiled in this process so far (one per bucket and engine), from any thread."""
+
+    def __init__(self) -> None:
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> int:
+        """Count `count` more; the new total."""
+        with self._lock:
+            self._total += count
+            return self._total
+
+
+_GRAPHS = _GraphCount()
 
 log = logging.getLogger("server.engine")
 
@@ -92,10 +110,14 @@ class ModelRunner:
         return f"compiled decode ({graphs}, buckets {','.join(map(str, self.buckets))})"
 
     def _compile(self, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        # One graph per bucket and engine, all of the same function: allow that many (for several
-        # engines in one process, as in tests and benchmarks) before dynamo gives up.
+        # Dynamo keeps one graph per bucket and engine, all of the same function, for the life of the
+        # process (several engines: tests, benchmarks, a draft model): allow as many as there will be.
+        # Its config is per thread, and each engine compiles and steps on its own thread, so the
+        # limit is set here, from a count kept for the whole process.
+        graphs = _GRAPHS.add(len(self.buckets))
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 16 * len(self.buckets))
+        config.recompile_limit = max(config.recompile_limit, graphs)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, graphs)
         if self.device.type == "cuda":
             # The cache is written in place by every graph: static addresses let CUDA graphs keep it.
             for layer in self.cache:
