@@ -109,8 +109,8 @@ def generate(
     numbered = list(enumerate(prompts, start=first_seed))
     for group in [numbered] if together else [[p] for p in numbered]:
         requests = [
-            Request("bench", p, params(i), engine.validate(p, params(i)), None, Timings(time.monotonic()))
-            for i, p in group
+            Request("bench", p, sp, engine.validate(p, sp), None, Timings(time.monotonic()))
+            for p, sp in ((p, params(i)) for i, p in group)
         ]
         tokens: dict[int, list[int]] = {id(r): [] for r in requests}
         for request in requests:
