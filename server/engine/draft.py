@@ -3,9 +3,9 @@
 It has its own model, KV cache, block manager and runner (the same classes as the target's), and one
 shadow sequence per target sequence it proposes for. Each speculative step, every shadow catches up
 with its target's tokens (the tokens it computed that the target did not accept are recomputed: its
-cache is rolled back by lowering `num_computed_tokens`), then k draft decode steps, batched over the
-rows, append its greedy tokens. Greedy proposals are one token for certain, so the core's acceptance
-rule stays exact (see `core.LLMEngine._verify`).
+cache is rolled back by lowering `num_computed_tokens`) in the first of k draft decode steps, batched
+over the rows and run on the compiled decode path, that append its greedy tokens. Greedy proposals
+are one token for certain, so the core's acceptance rule stays exact (see `core.LLMEngine._verify`).
 
 The draft cache holds a few sequences; when it is full, the shadows of sequences not in the step
 give their blocks back (least recently used first) and prefill again if they speculate later.
@@ -13,12 +13,14 @@ give their blocks back (least recently used first) and prefill again if they spe
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from model.checkpoint import load_model
 from model.tokenizer import Tokenizer
@@ -29,6 +31,9 @@ from server.engine.params import SamplingParams
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Request, Sequence
+
+CATCH_UP_ROWS = 2
+"""Most tokens a shadow computes in a step through the compiled decode buckets (see `_forward`)."""
 
 
 @dataclass
@@ -77,7 +82,7 @@ class DraftProposer:
             cache,
             block_size=block_size,
             sink_slot=(num_blocks + 1) * block_size,
-            max_num_seqs=max_batch,
+            max_num_seqs=CATCH_UP_ROWS * max_batch,
             max_model_len=self.max_model_len,
             device=device,
             deterministic=False,
@@ -138,15 +143,40 @@ class DraftProposer:
                 active.append((i, own, k))
         proposals: list[list[int]] = [[] for _ in rows]
         for j in range(max((k for _, _, k in active), default=0)):
-            step = ScheduledStep()
             live = [(i, own) for i, own, k in active if k > j]
-            for _, own in live:
-                step.add(own, own.num_missing_tokens)
-            ready, logits, _ = self.runner.execute(step)
-            assert logits is not None
+            ready, logits = self._forward([own for _, own in live])
             tokens = logits[:, : self.vocab].max(dim=-1).indices.tolist()
             token_of = {id(own): t for own, t in zip(ready, tokens, strict=True)}
             for i, own in live:
                 own.token_ids.append(token_of[id(own)])
                 proposals[i].append(token_of[id(own)])
         return proposals
+
+    def _forward(self, shadows: list[Sequence]) -> tuple[list[Sequence], Tensor]:
+        """Compute every shadow's missing tokens; its last one's logits, a row per shadow.
+
+        After a verification a shadow misses one token (a proposal was rejected: the target's own
+        token replaces it) or two (all were accepted: the last proposal and the target's next). Such
+        steps run as a verify step of the compiled decode buckets, the tokens after each shadow's
+        first missing one laid out as its "proposals". A plain decode step takes the decode fast
+        path, and a step where a shadow misses more (its prompt) the general path.
+        """
+        step = ScheduledStep()
+        missing = [own.num_missing_tokens for own in shadows]
+        if max(missing) == 1 or max(missing) > CATCH_UP_ROWS or sum(missing) > self.runner.buckets[-1]:
+            for own, n in zip(shadows, missing, strict=True):
+                step.add(own, n)
+            ready, logits, _ = self.runner.execute(step)
+            assert logits is not None
+            return ready, logits
+        for own in shadows:
+            step.add(own, 1)
+        known = [
+            own.token_ids[own.num_computed_tokens : own.num_computed_tokens + n - 1]
+            for own, n in zip(shadows, missing, strict=True)
+        ]
+        ready, logits, _ = self.runner.execute(step, known)
+        last = torch.tensor(list(itertools.accumulate(missing)), device=logits.device) - 1
+        for own, tokens in zip(shadows, known, strict=True):
+            own.num_computed_tokens += len(tokens)
+        return ready, logits[last]

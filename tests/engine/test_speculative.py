@@ -6,6 +6,7 @@ import random
 import re
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -350,6 +351,26 @@ def test_draft_model_greedy_and_seeded_outputs_are_identical(
         draft_blocks = spec.speculator.draft.blocks
         assert spec.blocks.num_free_blocks == spec.blocks.num_blocks
         assert draft_blocks.num_free_blocks == draft_blocks.num_blocks  # every shadow released
+
+
+def test_the_draft_catches_up_on_the_decode_path(
+    make_engine: Callable[..., LLMEngine], tiny_checkpoint: Path
+) -> None:
+    """After its prompt, a draft that is always right misses two tokens each step (its last proposal and
+    the target's next): they run as a verify layout of the decode buckets, not through the general
+    path as a chunk of two tokens, and the draft stays right."""
+    engine = make_engine(dtype="float32", speculative_method="draft", speculative_model=tiny_checkpoint)
+    assert engine.speculator is not None and engine.speculator.draft is not None
+    runner = engine.speculator.draft.runner
+    with mock.patch.object(runner, "_execute_general", wraps=runner._execute_general) as general:
+        run(
+            engine,
+            [submit(engine, [40, 41, 42], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))],
+        )
+    chunks = [max(call.args[0].num_tokens) for call in general.call_args_list]  # eager: decodes go there too
+    assert sum(n > 1 for n in chunks) == 1  # the prompt
+    stats = engine.stats()
+    assert stats.spec_drafts >= 10 and stats.spec_accepted_tokens >= 0.9 * stats.spec_draft_tokens
 
 
 def test_a_row_whose_proposals_fail_rests(
