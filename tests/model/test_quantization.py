@@ -64,6 +64,22 @@ def test_int8_linear_equals_its_dequantized_float_linear(
     assert torch.allclose(plain.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_kernel_keeps_a_non_finite_input_in_its_own_row(bad: float) -> None:
+    """A NaN or an infinity in one input row makes that row's outputs non-finite, as float arithmetic
+    would, and leaves the other rows as they are alone: the sampler fails that row's request only."""
+    if not load_cpu_kernels():
+        pytest.skip("the CPU kernels could not be built here")
+    gen = torch.Generator().manual_seed(1)
+    qweight, scales = quantize_rows(torch.randn(70, 300, generator=gen))
+    x = torch.randn(3, 300, generator=gen).to(torch.bfloat16)
+    alone = [torch.ops.tinyserve.linear_int8(x[i : i + 1], qweight, scales, None) for i in (0, 2)]
+    x[1, 200] = bad
+    got = torch.ops.tinyserve.linear_int8(x, qweight, scales, None)
+    assert not got[1].isfinite().any()
+    assert torch.equal(got[0:1], alone[0]) and torch.equal(got[2:3], alone[1])
+
+
 def dequantized_twin(model: Transformer) -> Transformer:
     """The float model whose weights are exactly what the int8 copy of `model` represents."""
     twin = copy.deepcopy(model)
