@@ -10,7 +10,8 @@ a time would give.
 Speculation pays only when proposals are accepted and the step has compute to spare, so a row whose
 proposals were mostly rejected lately rests for a while (MIN_ACCEPTANCE), and a step whose batch is
 larger than `speculative_disable_by_batch_size`, or whose verify rows would not fit the largest
-compiled decode bucket, decodes plainly.
+compiled decode bucket, decodes plainly. A draft model pays a forward per proposed token, so its
+proposals are as long as each row's recent luck says (up to k).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class _Row:
 
     drafts: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     rest_until: int = 0
+    length: int | None = None
+    """How many tokens a draft model proposes for it next (None: k); see `Speculator.record`."""
 
 
 @dataclass
@@ -200,7 +203,7 @@ class Speculator:
             return 0
         # The last emitted token may finish the sequence; proposing past that is wasted work.
         return min(
-            self.k,
+            self.k if row is None or row.length is None else row.length,
             seq.request.max_tokens - seq.num_output_tokens - 1,
             self.max_model_len - seq.num_tokens,
         )
@@ -214,6 +217,11 @@ class Speculator:
         c.emitted_tokens += emitted
         row = self._rows.setdefault(seq, _Row())
         row.drafts.append((proposed, accepted))
+        if self.draft is not None:
+            # Each token a draft model proposes costs one of its forwards, and the verify rows grow
+            # with them: after a miss it proposes one more than were accepted, after a full hit twice as
+            # many (up to k), so a row whose drafts fail pays for one draft token a step, not k.
+            row.length = min(self.k, 2 * proposed if accepted == proposed else accepted + 1)
         if len(row.drafts) == WINDOW:
             total = sum(p for p, _ in row.drafts)
             if sum(a for _, a in row.drafts) < MIN_ACCEPTANCE * total:

@@ -376,8 +376,9 @@ def test_the_draft_catches_up_on_the_decode_path(
 def test_a_row_whose_proposals_fail_rests(
     make_engine: Callable[..., LLMEngine], tiny_checkpoint: Path, other_draft: Path
 ) -> None:
-    """A draft that is never right gets WINDOW drafts, then rests REST_STEPS steps, and so on; a draft
-    that is always right never rests."""
+    """A draft that is never right gets WINDOW drafts, then rests REST_STEPS steps, and so on, and after
+    its first miss proposes about one token a draft; a draft that is always right never rests and keeps
+    proposing k (4) tokens."""
     params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     drafts = {}
     for draft in (other_draft, tiny_checkpoint):
@@ -390,6 +391,8 @@ def test_a_row_whose_proposals_fail_rests(
     assert WINDOW <= bad.spec_drafts <= rounds * WINDOW
     assert good.spec_accepted_tokens >= 0.9 * good.spec_draft_tokens
     assert good.spec_drafts >= 119 // (good.spec_emitted_tokens / good.spec_drafts) - 1  # every step drafted
+    assert bad.spec_draft_tokens < 1.5 * bad.spec_drafts
+    assert good.spec_draft_tokens >= 0.9 * 4 * good.spec_drafts  # less only where the sequence ends
 
 
 def test_abort_frees_the_draft_models_blocks_too(
