@@ -1,4 +1,4 @@
-"""The draft-model proposer: a smaller checkpoint with the same tokenizer proposes k tokens greedily.
+"""The draft-model proposer: a smaller checkpoint with the same tokenizer proposes up to k tokens greedily.
 
 It has its own model, KV cache, block manager and runner (the same classes as the target's), and one
 shadow sequence per target sequence it proposes for. Each speculative step, every shadow catches up
