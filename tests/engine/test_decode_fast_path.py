@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.attention import paged_decode_attention, reference_decode
+from model.checkpoint import load_model, save_model
 from model.kernels import load_cpu_kernels
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
 from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
 from tests.engine.engine_driver import Result, run, submit
@@ -75,6 +80,36 @@ def test_compiled_decode_greedy_tokens_equal_eager_in_bfloat16(make_engine: Call
     a = run(compiled, [submit(compiled, p, params) for p in prompts])
     b = run(eager, [submit(eager, p, params) for p in prompts])
     assert [r.tokens() for r in a] == [r.tokens() for r in b]
+
+
+def test_engines_of_different_models_keep_their_own_graphs(
+    make_engine: Callable[..., LLMEngine], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Each runner's decode graphs are looked up by its input shapes alone (see ModelRunner._compile), so
+    they must be its own: engines whose caches and inputs look alike (a narrower MLP, int8 weights)
+    compiled in one process each decode exactly as their eager twins."""
+    model = load_model(tiny_checkpoint)
+    narrow = Transformer(replace(model.config, intermediate_size=96))
+    narrow.init_weights(seed=3)
+    save_model(narrow, tmp_path)
+    Tokenizer.load(tiny_checkpoint).save(tmp_path)
+    variants = [
+        {"model": tiny_checkpoint},
+        {"model": tmp_path},
+        {"model": tiny_checkpoint, "quantization": "int8"},
+    ]
+    flags = {"dtype": "float32", "max_num_seqs": 4}
+    compiled = [make_engine(enforce_eager=False, **flags, **v) for v in variants]  # all compiled first
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+    prompt = compiled[0].tokenizer.encode("def main():\n")
+    outputs = []
+    for engine, variant in zip(compiled, variants, strict=True):
+        eager = make_engine(enforce_eager=True, **flags, **variant)
+        fast, slow = (summary(run(e, [submit(e, prompt, params)])) for e in (engine, eager))
+        assert fast[0][0] == slow[0][0]
+        assert torch.allclose(torch.tensor(fast[0][1]), torch.tensor(slow[0][1]), atol=1e-4, rtol=0)
+        outputs.append(fast[0][0])
+    assert outputs[0] != outputs[1]  # different models: a shared graph could not pass for both
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
