@@ -207,21 +207,33 @@ def test_canaries_never_reach_the_logs(locked: RunningServer) -> None:
         assert repr(text) not in log
 
 
+COMPILE_CACHE_READERS = ("torch/_inductor/codecache.py", "torch/_functorch/_aot_autograd/autograd_cache.py")
+
+
 def test_nothing_unpickles_on_the_serving_path(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At run time: loading the checkpoint and serving requests never reaches pickle or torch.load."""
+    """At run time: loading the checkpoint and serving requests never reaches pickle or torch.load.
+
+    The one reader of pickle allowed is torch's own compile cache (inductor's FX graph cache and
+    AOTAutograd's, in TORCHINDUCTOR_CACHE_DIR), which holds what the server itself compiled, beside the
+    compiled kernels it loads as shared libraries: it is read when an earlier run compiled the same
+    decode graphs, and a test of the whole suite may or may not find it warm.
+    """
     calls: list[str] = []
 
-    def trap(name: str) -> Callable[..., Any]:
+    def trap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def refuse(*args: Any, **kwargs: Any) -> Any:
+            caller = Path(sys._getframe(1).f_code.co_filename).as_posix()
+            if caller.endswith(COMPILE_CACHE_READERS):
+                return original(*args, **kwargs)
             calls.append(name)
             raise AssertionError(f"{name} called on the serving path")
 
         return refuse
 
     for owner, name in ((pickle, "load"), (pickle, "loads"), (torch, "load"), (torch.serialization, "load")):
-        monkeypatch.setattr(owner, name, trap(f"{owner.__name__}.{name}"))
+        monkeypatch.setattr(owner, name, trap(f"{owner.__name__}.{name}", getattr(owner, name)))
     engine = AsyncEngine(EngineConfig(model=tiny_checkpoint))
     app = create_app(parse_settings(["--model", str(tiny_checkpoint)], env={}), engine)
     with TestClient(app) as client:
