@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,23 +26,6 @@ from model.transformer import AttentionGroup, CacheBatch, DecodeRows, KVCache, T
 from server.engine.input_batch import InputBatch
 from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Sequence
-
-
-class _GraphCount:
-    """Decode graphs compiled in this process so far (one per bucket and engine), from any thread."""
-
-    def __init__(self) -> None:
-        self._total = 0
-        self._lock = threading.Lock()
-
-    def add(self, count: int) -> int:
-        """Count `count` more; the new total."""
-        with self._lock:
-            self._total += count
-            return self._total
-
-
-_GRAPHS = _GraphCount()
 
 log = logging.getLogger("server.engine")
 
@@ -111,37 +93,35 @@ class ModelRunner:
         return f"compiled decode ({graphs}, buckets {','.join(map(str, self.buckets))})"
 
     def _compile(self, fn: types.MethodType) -> Callable[..., Tensor]:
-        # Dynamo keeps one graph per bucket and engine, all of the same function, for the life of the
-        # process (several engines: tests, benchmarks, a draft model): allow as many as there will be.
-        # Its config is per thread, and each engine compiles and steps on its own thread, so the
-        # limit is set here, from a count kept for the whole process.
-        graphs = _GRAPHS.add(len(self.buckets))
-        config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, graphs)
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, graphs)
+        # Dynamo keeps graphs per code object and, on every call, finds one by evaluating its guards:
+        # about 860 for the shipped model (each module's type, hooks and parameters). This runner's
+        # decode function gets a code object of its own, so its graphs (one per bucket: its recompile
+        # limit) only ever serve its own model and cache, which never change.
+        own = types.MethodType(
+            types.FunctionType(fn.__func__.__code__.replace(), fn.__func__.__globals__, fn.__name__), self
+        )
         if self.device.type == "cuda":
             # The cache is written in place by every graph: static addresses let CUDA graphs keep it.
             for layer in self.cache:
                 for tensor in layer:
                     torch._dynamo.mark_static_address(tensor)
-            return torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
+            return torch.compile(
+                own, fullgraph=True, dynamic=False, mode="reduce-overhead", recompile_limit=len(self.buckets)
+            )
         # No freezing: the projections and attention are our own ops, so inductor has no weights to
         # prepack, and freezing would bypass its on-disk cache (start-up measured 18 s vs 11 s warm).
         # Static shapes: one graph per bucket measured faster than one dynamic graph (17 vs 25 ms/step).
-        # Dynamo keeps graphs per code object and, on every call, finds one by evaluating its guards:
-        # about 860 for the shipped model (each module's type, hooks and parameters). This runner's
-        # decode function gets a code object of its own, so its graphs only ever serve its own model
-        # and cache, which never change; then the guards on its tensors that are not parameters (the
-        # inputs, whose shapes tell the buckets apart, the cache and the rotary tables) suffice. The
-        # lookup tries the buckets' graphs in turn, so larger buckets gained more: shipped model,
-        # bfloat16, two alternating runs each, 198-202 against 191-194 tok/s at batch 1 and 1,003
-        # against 920 at batch 8 (`bench.engine`).
-        own = types.FunctionType(fn.__func__.__code__.replace(), fn.__func__.__globals__, fn.__name__)
+        # Only the guards on tensors that are not parameters (the inputs, whose shapes tell the buckets
+        # apart, the cache and the rotary tables) are kept. The lookup tries the buckets' graphs in
+        # turn, so larger buckets gained more: shipped model, bfloat16, two alternating runs each,
+        # 198-202 against 191-194 tok/s at batch 1 and 1,003 against 920 at batch 8 (`bench.engine`).
+        # (On CUDA, where `mode` excludes `options`, dynamo's default guards stay: not measured there.)
         return torch.compile(
-            types.MethodType(own, self),
+            own,
             fullgraph=True,
             dynamic=False,
             options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
+            recompile_limit=len(self.buckets),
         )
 
     def warm_up(self, progress: Callable[[str], None]) -> None:
