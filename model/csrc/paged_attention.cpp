@@ -61,6 +61,8 @@ inline void widen_row(const c10::BFloat16* src, float* dst, int64_t dim) {
 
 // x[i] = exp(x[i]) for x[i] <= 0 (scores minus their running maximum). AVX2: Cephes' expf (range
 // reduction by ln 2, a degree-6 polynomial, the exponent put back by integer arithmetic), within 2 ulp.
+// A NaN stays NaN (the clamp's operand order keeps it), as in exact attention: a NaN key must reach the
+// output, so that the request fails instead of attending as if that key were not there.
 inline void exp_nonpositive(float* x, int64_t n) {
   int64_t i = 0;
 #ifdef __AVX2__
@@ -68,7 +70,7 @@ inline void exp_nonpositive(float* x, int64_t n) {
   const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
   const __m256 one = _mm256_set1_ps(1.0f);
   for (; i + 8 <= n; i += 8) {
-    __m256 v = _mm256_max_ps(_mm256_loadu_ps(x + i), lo);
+    __m256 v = _mm256_max_ps(lo, _mm256_loadu_ps(x + i));  // NaN in the second operand is returned
     const __m256 fx = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm256_fnmadd_ps(fx, ln2_lo, _mm256_fnmadd_ps(fx, ln2_hi, v));
     __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -227,7 +229,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         block_scores(qf.data(), keys.data(), n, group, dim, scores.data(), block_size);
         for (int64_t g = 0; g < group; ++g) {
           float* sg = scores.data() + g * block_size;
-          const float best = std::max(m[g], *std::max_element(sg, sg + n));
+          float best = m[g];  // NaN once any score is NaN (std::max would drop it): see exp_nonpositive
+          for (int64_t j = 0; j < n; ++j) best = std::isnan(sg[j]) || sg[j] > best ? sg[j] : best;
           const float alpha = std::exp(m[g] - best);  // exp(-inf) = 0 on the first block
           for (int64_t j = 0; j < n; ++j) sg[j] -= best;
           exp_nonpositive(sg, n);
@@ -254,7 +257,10 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       const int64_t r = i / heads, h = i % heads / group, g = i % group;
       const float* base = partial.data() + ((r * kv_heads + h) * splits) * group * part + g * part;
       float best = -std::numeric_limits<float>::infinity();
-      for (int64_t s = 0; s < splits; ++s) best = std::max(best, base[s * group * part]);
+      for (int64_t s = 0; s < splits; ++s) {  // a split whose maximum is NaN makes the whole row NaN
+        const float m = base[s * group * part];
+        best = std::isnan(m) || m > best ? m : best;
+      }
       std::fill(total.begin(), total.end(), 0.0f);
       float sum = 0.0f;
       if (best != -std::numeric_limits<float>::infinity()) {
@@ -265,7 +271,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           for (int64_t d = 0; d < dim; ++d) total[d] += w * p[2 + d];
         }
       }
-      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;  // an empty (padded) row attends to nothing
+      const float inv = sum == 0.0f ? 0.0f : 1.0f / sum;  // an empty (padded) row attends to nothing
       for (int64_t d = 0; d < dim; ++d) op[i * dim + d] = static_cast<T>(total[d] * inv);
     }
   });

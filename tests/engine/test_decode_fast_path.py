@@ -186,6 +186,51 @@ def test_cpu_kernel_matches_the_reference(
     assert not out[~live].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["key", "value"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_kernel_spreads_non_finite_keys_and_values_as_exact_attention_does(
+    dtype: torch.dtype, cache: str, bad: float
+) -> None:
+    """A NaN or an infinity in a live key or value reaches the output as in exact attention (so the
+    sampler fails that request rather than draw from a row that silently skipped a position),
+    wherever it lies: the first lane of a block, the middle of an eight-key group, a block's scalar
+    tail, a later split of a long row, a short row's last position, or every position of a row."""
+    if not load_cpu_kernels():
+        pytest.skip("no C++ compiler: the op runs its reference body")
+    gen = torch.Generator().manual_seed(5)
+    block, heads, kv_heads, dim, width = 16, 4, 2, 32, 94
+    lens = torch.tensor([1500, 1500, 1500, 1500, 1500, 37, 13, 0], dtype=torch.int32)  # and a padding row
+    # 1500 = 93 blocks + 12: the last block has a 4-key scalar tail. Row 6: all of its 13 positions.
+    where = [[0], [5], [13], [700], [1499], [36], range(13)]
+    rows = len(lens)
+    tables = (torch.randperm(rows * width, generator=gen) + 1).view(rows, width).to(torch.int32)  # unshared
+    k_cache = torch.randn((rows * width + 1) * block, kv_heads, dim, generator=gen)
+    v_cache = torch.randn((rows * width + 1) * block, kv_heads, dim, generator=gen)
+    poisoned = k_cache if cache == "key" else v_cache
+    for row, positions in enumerate(where):
+        for pos in positions:
+            poisoned[tables[row, pos // block] * block + pos % block, row % kv_heads, 3] = bad
+    k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
+    q = torch.randn(rows, heads, dim, generator=gen).to(dtype)
+    none = torch.empty(0, kv_heads, dim, dtype=dtype)
+    out = paged_decode_attention(
+        q, none, none, k_cache, v_cache, torch.empty(0, dtype=torch.long), tables, lens, block, dim**-0.5
+    ).double()
+    ref = reference_decode(q.double(), k_cache.double(), v_cache.double(), tables, lens, block, dim**-0.5)
+    live = lens > 0
+    out, ref = out[live], ref[live]
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out[finite], ref[finite], atol=tol, rtol=tol)
+    if bad != bad or cache == "value":  # NaN anywhere, or an infinite value: that kv group's heads are hit
+        group = heads // kv_heads
+        for row in range(len(where)):
+            h = row % kv_heads
+            assert not out[row, h * group : (h + 1) * group].isfinite().all(), row
+
+
 @pytest.mark.parametrize(
     "device",
     [
