@@ -222,7 +222,7 @@ class LLMEngine:
             drafted = [draft_of.get(id(s), []) for s in sampling]
             masks = self.grammars.start_masks([s.matcher for s in sampling], drafted)
         try:
-            ready, logits, prompt = self.runner.execute(step, proposals)
+            ready, logits, picks, prompt = self.runner.execute(step, proposals)
         finally:
             if masks is not None:
                 masks.result()  # never leave a mask computation running past a failed step
@@ -254,7 +254,7 @@ class LLMEngine:
             mask_rows = [mask_row[id(ready[i])] + j for i in constrained for j in range(1 + len(drafts[i]))]
             allowed = self.grammars.allowed_tokens(masks, mask_rows, logits.device)
         rewind = {i: ready[i].generator.get_state() for i, p in enumerate(drafts) if p and ready[i].generator}
-        result = sample(logits, rows, masked, allowed)
+        result = sample(logits, rows, masked, allowed, picks)
         now = time.monotonic()
         for i, seq in enumerate(ready):
             row = first_row[i]

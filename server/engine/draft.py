@@ -166,7 +166,7 @@ class DraftProposer:
         if max(missing) == 1 or max(missing) > CATCH_UP_ROWS or sum(missing) > self.runner.buckets[-1]:
             for own, n in zip(shadows, missing, strict=True):
                 step.add(own, n)
-            ready, logits, _ = self.runner.execute(step)
+            ready, logits, _, _ = self.runner.execute(step)
             assert logits is not None
             return ready, logits
         for own in shadows:
@@ -175,7 +175,7 @@ class DraftProposer:
             own.token_ids[own.num_computed_tokens : own.num_computed_tokens + n - 1]
             for own, n in zip(shadows, missing, strict=True)
         ]
-        ready, logits, _ = self.runner.execute(step, known)
+        ready, logits, _, _ = self.runner.execute(step, known)
         last = torch.tensor(list(itertools.accumulate(missing)), device=logits.device) - 1
         for own, tokens in zip(shadows, known, strict=True):
             own.num_computed_tokens += len(tokens)

@@ -17,6 +17,7 @@ import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from torch import Tensor
 from model.kernels import load_cpu_kernels
 from model.transformer import AttentionGroup, CacheBatch, DecodeRows, KVCache, Transformer
 from server.engine.input_batch import InputBatch
+from server.engine.sampler import greedy_picks
 from server.engine.scheduler import ScheduledStep
 from server.engine.sequence import Sequence
 
@@ -37,6 +39,18 @@ class PromptLogits:
     seq: Sequence
     first: int
     logits: Tensor
+
+
+class StepLogits(NamedTuple):
+    """What a step's forward gives the sampler."""
+
+    ready: list[Sequence]
+    """The sequences that caught up (their last token was computed), in row order."""
+    logits: Tensor | None
+    """A row per ready sequence (with proposals, 1 + len(proposal) rows); None if none is ready."""
+    picks: Tensor | None
+    """`greedy_picks(logits)` when the compiled decode step computed them with the logits."""
+    prompt: list[PromptLogits]
 
 
 PromptRows = list[tuple[Sequence, int, list[int]]]
@@ -80,7 +94,7 @@ class ModelRunner:
         self.input_batch = InputBatch(
             self.buckets[-1], -(-max_model_len // block_size), block_size, sink_slot, device
         )
-        self._decode: Callable[..., Tensor] = self._decode_forward
+        self._decode: Callable[..., tuple[Tensor, Tensor]] = self._decode_forward
         if self.fast_path:
             self._decode = self._compile(self._decode_forward)
 
@@ -92,7 +106,7 @@ class ModelRunner:
         graphs = "CUDA graphs" if self.device.type == "cuda" else "inductor"
         return f"compiled decode ({graphs}, buckets {','.join(map(str, self.buckets))})"
 
-    def _compile(self, fn: types.MethodType) -> Callable[..., Tensor]:
+    def _compile(self, fn: types.MethodType) -> Callable[..., tuple[Tensor, Tensor]]:
         # Dynamo keeps graphs per code object and, on every call, finds one by evaluating its guards:
         # about 860 for the shipped model (each module's type, hooks and parameters). This runner's
         # decode function gets a code object of its own, so its graphs (one per bucket: its recompile
@@ -137,14 +151,14 @@ class ModelRunner:
 
     def _decode_forward(
         self, tokens: Tensor, positions: Tensor, slots: Tensor, tables: Tensor, lens: Tensor
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor]:
+        """The logits of every row, and the sampler's greedy picks from them (see `greedy_picks`)."""
         decode = DecodeRows(slots, tables, lens, self.block_size)
-        return self.model(tokens, positions, self.cache, CacheBatch(slots[:0], [], decode))
+        logits = self.model(tokens, positions, self.cache, CacheBatch(slots[:0], [], decode))
+        return logits, greedy_picks(logits)
 
     @torch.inference_mode()
-    def execute(
-        self, step: ScheduledStep, proposals: list[list[int]] | None = None
-    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
+    def execute(self, step: ScheduledStep, proposals: list[list[int]] | None = None) -> StepLogits:
         """Run the step; return the sequences that caught up (in row order), their logits, and the
         logits of the prompt positions computed for sequences that score their prompt.
 
@@ -159,25 +173,24 @@ class ModelRunner:
             return self._execute_decode(step)
         return self._execute_general(step)
 
-    def _execute_decode(self, step: ScheduledStep) -> tuple[list[Sequence], Tensor, list[PromptLogits]]:
+    def _execute_decode(self, step: ScheduledStep) -> StepLogits:
         ib = self.input_batch
         ib.update(step.sequences)
         n = len(ib.seqs)
         rows = next(b for b in self.buckets if b >= n)
         ib.prepare_decode(rows)
-        logits = self._decode(*ib.device_tensors(rows))
-        return list(ib.seqs), logits[:n], []  # every row computes its last token: no prompt position
+        logits, picks = self._decode(*ib.device_tensors(rows))
+        # Every row computes its last token: no prompt position.
+        return StepLogits(list(ib.seqs), logits[:n], picks[:, :n], [])
 
-    def _execute_verify(
-        self, step: ScheduledStep, proposals: list[list[int]]
-    ) -> tuple[list[Sequence], Tensor, list[PromptLogits]]:
+    def _execute_verify(self, step: ScheduledStep, proposals: list[list[int]]) -> StepLogits:
         """Speculative verification as a decode step of more rows, through the same compiled buckets."""
         ib = self.input_batch
         need = len(step) + sum(map(len, proposals))
         rows = next(b for b in self.buckets if b >= need)
         ib.prepare_verify(step.sequences, proposals, rows)
-        logits = self._decode(*ib.device_tensors(rows))
-        return list(step.sequences), logits[:need], []
+        logits, picks = self._decode(*ib.device_tensors(rows))
+        return StepLogits(list(step.sequences), logits[:need], picks[:, :need], [])
 
     # -- the general path --------------------------------------------------------------------------
 
@@ -236,9 +249,7 @@ class ModelRunner:
         batch = CacheBatch(write_slots=as_tensor(writes), groups=groups, decode=decode)
         return as_tensor(tokens), as_tensor(positions), batch, last_rows, prompt_rows
 
-    def _forward(
-        self, seqs: list[Sequence], counts: list[int]
-    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
+    def _forward(self, seqs: list[Sequence], counts: list[int]) -> StepLogits:
         """One forward over `seqs`; logits for those that caught up, then for the prompt positions scored."""
         tokens, positions, batch, last_rows, prompt_rows = self._build(seqs, counts)
         ready = [i for i, s in enumerate(seqs) if s.num_missing_tokens == 0]
@@ -249,25 +260,21 @@ class ModelRunner:
         for seq, first, scored in prompt_rows:
             prompt.append(PromptLogits(seq, first, logits[at : at + len(scored)]))
             at += len(scored)
-        return [seqs[i] for i in ready], (logits[: len(ready)] if ready else None), prompt
+        return StepLogits([seqs[i] for i in ready], (logits[: len(ready)] if ready else None), None, prompt)
 
-    def _execute_general(
-        self, step: ScheduledStep
-    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
+    def _execute_general(self, step: ScheduledStep) -> StepLogits:
         # Decodes first, then prefill chunks: the order the flat batch lays them out.
         order = sorted(range(len(step)), key=lambda i: step.num_tokens[i] != 1)
         return self._forward([step.sequences[i] for i in order], [step.num_tokens[i] for i in order])
 
-    def _execute_one_by_one(
-        self, step: ScheduledStep
-    ) -> tuple[list[Sequence], Tensor | None, list[PromptLogits]]:
+    def _execute_one_by_one(self, step: ScheduledStep) -> StepLogits:
         """Batch-invariant mode: each sequence runs alone, so its numbers never depend on the batch."""
         ready: list[Sequence] = []
         logits: list[Tensor] = []
         prompt: list[PromptLogits] = []
         for seq, n in zip(step.sequences, step.num_tokens, strict=True):
-            caught_up, out, scored = self._forward([seq], [n])
+            caught_up, out, _, scored = self._forward([seq], [n])
             ready += caught_up
             logits += [out] if out is not None else []
             prompt += scored
-        return ready, (torch.cat(logits) if logits else None), prompt
+        return StepLogits(ready, (torch.cat(logits) if logits else None), None, prompt)

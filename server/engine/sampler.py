@@ -32,6 +32,17 @@ class SampleRow:
     banned_ids: tuple[int, ...]
     """Token ids that may not be sampled now (EOS and stop ids before min_tokens)."""
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Its token is the argmax of its raw logits: greedy, nothing that changes or reports them."""
+        p = self.params
+        return (
+            p.greedy
+            and p.logprobs is None
+            and not (p.logit_bias or self.banned_ids or p.presence_penalty or p.frequency_penalty)
+            and p.repetition_penalty == 1.0
+        )
+
 
 NON_FINITE_LOGITS = "the model produced non-finite logits"
 NO_DISTRIBUTION = "sampling produced no valid probability distribution"
@@ -45,6 +56,21 @@ class SampleResult:
     fails, the others go on."""
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
     """Per row: (logprob of the sampled token, [(token id, logprob)] of the top alternatives)."""
+
+
+def greedy_picks(logits: Tensor) -> Tensor:
+    """[2, rows] of int64: each row's most likely token (the first, if tied), and 1 where all its
+    logits are finite (its token is meaningless otherwise).
+
+    The compiled decode step computes these with its logits: eager reductions over a batch of rows
+    cost more here than the model's last layer (the old sampler took 2.8 ms for 32 rows of 8,192
+    bfloat16 logits on the 2-vCPU box). Written as max, min and the first index holding the max:
+    inductor vectorizes those, not argmax (at 32 rows, about 180 against 360 us in the graph).
+    """
+    top, bottom = logits.amax(dim=-1), logits.amin(dim=-1)  # both NaN if the row holds a NaN
+    index = torch.arange(logits.shape[-1], device=logits.device)
+    first = torch.where(logits == top[:, None], index, logits.shape[-1] - 1).amin(dim=-1)
+    return torch.stack([first, (top.isfinite() & bottom.isfinite()).long()])
 
 
 def _apply_penalties(logits: Tensor, rows: list[SampleRow], idx: list[int]) -> None:
@@ -69,19 +95,28 @@ def _apply_penalties(logits: Tensor, rows: list[SampleRow], idx: list[int]) -> N
 
 @torch.inference_mode()
 def sample(
-    logits: Tensor, rows: list[SampleRow], masked_rows: list[int] | None = None, allowed: Tensor | None = None
+    logits: Tensor,
+    rows: list[SampleRow],
+    masked_rows: list[int] | None = None,
+    allowed: Tensor | None = None,
+    picks: Tensor | None = None,
 ) -> SampleResult:
     """Sample one token per row. `logits` may be modified in place.
 
     `allowed` ([len(masked_rows), vocab], boolean) restricts rows `masked_rows` to those tokens (a
     grammar's mask): disallowed logits become -inf first, so every other parameter (penalties,
     temperature, top-k/p, min-p) applies within the allowed set. No row masked, no cost.
+    `picks` are `greedy_picks(logits)` when the forward computed them already.
     """
-    logits = logits.float()
-    n, vocab = logits.shape
-    device = logits.device
+    n = len(rows)
+    if not masked_rows and all(r.plain_greedy for r in rows):
+        tokens_and_finite = (picks if picks is not None else greedy_picks(logits)).tolist()
+        errors = [None if ok else NON_FINITE_LOGITS for ok in tokens_and_finite[1]]
+        return SampleResult(token_ids=tokens_and_finite[0], errors=errors, logprobs=[None] * n)
     # Rows holding NaN/Inf are flagged; their tokens are computed like the others, then discarded.
-    finite = logits.isfinite().all(dim=-1)
+    finite = picks[1].bool() if picks is not None else logits.isfinite().all(dim=-1)
+    logits = logits.float()
+    device = logits.device
 
     want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None

@@ -23,7 +23,8 @@ BUCKETS_UP_TO = 8  # buckets 2, 4, 8: every one gets used below
 
 
 def traffic(engine: LLMEngine, seed: int) -> list[Result]:
-    """Sequences joining, finishing at different lengths, n > 1 and seeded sampling, up to 8 at once."""
+    """Sequences joining, finishing at different lengths, n > 1 and seeded sampling, up to 8 at once;
+    some greedy rows ask for logprobs and some do not (those take the compiled step's greedy picks)."""
     rng = random.Random(seed)
     vocab = engine.tokenizer.vocab_size
     arrivals: dict[int, list[tuple[list[int], SamplingParams]]] = {}
@@ -34,7 +35,7 @@ def traffic(engine: LLMEngine, seed: int) -> list[Result]:
             temperature=0 if i % 3 else 0.8,
             seed=i,
             n=2 if i % 5 == 0 else 1,
-            logprobs=0,
+            logprobs=0 if i % 4 else None,
             ignore_eos=True,
         )
         arrivals.setdefault(rng.randrange(0, 40), []).append((prompt, params))
@@ -47,7 +48,10 @@ def summary(results: list[Result]) -> list[tuple[list[int], list[float]]]:
         for index in range(r.request.params.n):
             deltas = [d for d in r.deltas if d.index == index]
             out.append(
-                ([t for d in deltas for t in d.token_ids], [lp.logprob for d in deltas for lp in d.logprobs])
+                (
+                    [t for d in deltas for t in d.token_ids],
+                    [lp.logprob for d in deltas for lp in d.logprobs or []],
+                )
             )
     return out
 
@@ -127,7 +131,7 @@ def test_a_rows_logits_are_the_same_in_every_bucket(
     with torch.inference_mode():
         for rows in runner.buckets:
             batch.prepare_decode(rows)
-            logits.append(runner._decode(*batch.device_tensors(rows))[0].clone())
+            logits.append(runner._decode(*batch.device_tensors(rows))[0][0].clone())
     assert all(torch.equal(logits[0], other) for other in logits[1:])
 
 
@@ -136,6 +140,33 @@ def test_steady_state_traffic_never_recompiles(make_engine: Callable[..., LLMEng
     with torch.compiler.set_stance("fail_on_recompile"):
         results = traffic(engine, seed=2)
     assert all(r.finished is not None for r in results)
+
+
+def test_non_finite_logits_on_the_compiled_path_fail_only_that_request(
+    make_engine: Callable[..., LLMEngine],
+) -> None:
+    """The compiled step's own finiteness flags (`greedy_picks`) reach the sampler: a row whose cache
+    turned to NaN fails its request, and the rows beside it in the same steps decode as before."""
+    engine = make_engine(enforce_eager=False, dtype="float32", max_num_seqs=4, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    prompts = [engine.tokenizer.encode(f"row {i} " * (i + 1)) for i in range(3)]
+    clean = [r.tokens() for r in run(engine, [submit(engine, p, params) for p in prompts])]
+    results = [submit(engine, p, params) for p in prompts]
+    victim = results[1].request.sequences[0]
+    bs = engine.blocks.block_size
+
+    def poison(_: int) -> None:
+        if victim.num_output_tokens == 3 and not victim.is_finished:
+            for k, v in engine.runner.cache:
+                for block in victim.block_table:
+                    k[block * bs : (block + 1) * bs] = float("nan")
+                    v[block * bs : (block + 1) * bs] = float("nan")
+
+    run(engine, results, on_step=poison)
+    assert results[1].error is not None and "non-finite" in str(results[1].error)
+    assert results[1].tokens() == clean[1][:3]
+    assert [results[i].tokens() for i in (0, 2)] == [clean[0], clean[2]]
+    assert engine.blocks.num_used_blocks == 0
 
 
 def test_padding_rows_write_only_the_sink(make_engine: Callable[..., LLMEngine]) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.params import SamplingParams
-from server.engine.sampler import NON_FINITE_LOGITS, SampleRow, sample
+from server.engine.sampler import NON_FINITE_LOGITS, SampleRow, greedy_picks, sample
 
 PROBS = torch.tensor([0.55, 0.25, 0.15, 0.05])
 
@@ -74,6 +74,32 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch() -> None:
     assert a[0] == alone[0]
     other = seeded(8)
     assert [sample(uniform[None], [other]).token_ids[0] for _ in range(20)] != alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_take_the_first_maximum_and_flag_every_non_finite_row(dtype: torch.dtype) -> None:
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, 0.0],  # a tie: the first
+            [-2.0, -1.0, -3.0, -1.0],
+            [0.0, -inf, 2.0, 1.0],
+            [inf, 0.0, 0.0, 0.0],
+            [0.0, nan, 5.0, 0.0],
+            [0.0, 0.0, 0.0, 4.0],  # the last id
+        ],
+        dtype=dtype,
+    )
+    tokens, finite = greedy_picks(logits).tolist()
+    assert [tokens[i] for i in (0, 1, 5)] == [1, 1, 3]
+    assert finite == [1, 1, 0, 0, 0, 1]
+    plain = [row(temperature=0)] * len(logits)
+    errors = [None, None, NON_FINITE_LOGITS, NON_FINITE_LOGITS, NON_FINITE_LOGITS, None]
+    for picks in (None, greedy_picks(logits)):  # computed by the sampler, or handed to it
+        out = sample(logits.clone(), plain, picks=picks)
+        assert out.errors == errors and [out.token_ids[i] for i in (0, 1, 5)] == [1, 1, 3]
+    wide = torch.randn(64, 8192, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert greedy_picks(wide)[0].tolist() == wide.float().argmax(dim=-1).tolist()
 
 
 def test_logprobs_and_non_finite_rows() -> None:
