@@ -29,7 +29,7 @@ from server.engine.outputs import (
 )
 from server.engine.params import ParamError, SamplingParams
 from server.engine.runner import ModelRunner, PromptLogits
-from server.engine.sampler import NON_FINITE_LOGITS, SampleResult, SampleRow, sample, score
+from server.engine.sampler import NON_FINITE_LOGITS, SampleResult, SampleRow, sample, score, skip_draws
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, Status
 from server.engine.speculative import Speculator
@@ -356,9 +356,7 @@ class LLMEngine:
         if generator_state is not None and emitted < len(proposal) + 1:
             assert seq.generator is not None
             seq.generator.set_state(generator_state)
-            draw = torch.empty(self.model_config.vocab_size, device=self.device, dtype=torch.float32)
-            for _ in range(emitted):  # the draws of the emitted tokens, as the sampler made them
-                draw.exponential_(generator=seq.generator)
+            skip_draws(seq.generator, emitted)
         if not seq.is_finished:
             seq.num_computed_tokens += accepted
             self.blocks.trim(seq, seq.num_tokens)

@@ -1,14 +1,15 @@
 """Logits to token ids, with each row's own parameters, vectorized over the batch.
 
-Random draws use the exponential race (argmax of p / Exp(1), equivalent to sampling from p), so
-that a seeded row draws from its own generator, one fixed-size draw per token: the same seed
-gives the same tokens whatever else shares the batch. Logprobs are the model's own distribution
-(before penalties, temperature and filters), as OpenAI reports them.
+A random token is drawn by inverse CDF, one uniform number per token: a seeded row draws it from its
+own generator, so the same seed gives the same tokens whatever else shares the batch. (The exponential
+race drew a number per vocabulary entry: 7 ms a step for 32 rows of 8,192 on the 2-vCPU box.)
+Logprobs are the model's own distribution (before penalties, temperature and filters), as OpenAI
+reports them.
 
 No finite parameter value can turn a finite row into NaN: each row is shifted so its largest logit is
 0 before the temperature divides it (a softmax with a term equal to 1 never sums to 0 or infinity),
-every filter keeps at least the most likely token, and a zero noise draw is clamped. A row that is
-still not a distribution after all that fails its request with an error instead of drawing garbage.
+and every filter keeps at least the most likely token. A row that is still not a distribution after
+all that fails its request with an error instead of drawing garbage.
 """
 
 from __future__ import annotations
@@ -140,11 +141,13 @@ def sample(
         if r.banned_ids:
             logits[i, list(r.banned_ids)] = float("-inf")
 
-    tokens = logits.max(dim=-1).indices  # several times faster than argmax on CPU
-    valid = torch.ones_like(finite)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if sampled:
-        tokens[sampled], valid[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
+    if len(sampled) == n:
+        tokens, valid = _sample_rows(logits, rows)
+    else:
+        tokens, valid = logits.max(dim=-1).indices, torch.ones_like(finite)
+        if sampled:
+            tokens[sampled], valid[sampled] = _sample_rows(logits[sampled], [rows[i] for i in sampled])
 
     top_k = max((rows[i].params.logprobs or 0 for i in want_logprobs), default=0)
     packed = torch.cat([tokens, finite.long(), valid.long()])
@@ -176,38 +179,73 @@ def sample(
 def _sample_rows(logits: Tensor, rows: list[SampleRow]) -> tuple[Tensor, Tensor]:
     """Draw one token per row; also whether each row's final probabilities were a distribution."""
     device = logits.device
+    vocab = logits.shape[-1]
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=device)
-    # A penalty may have pushed a logit to +inf: clamp, then shift so that each row's largest is 0.
+    # Unnormalized probabilities, exp(logit / temperature) with each row shifted so that its largest
+    # weight is exactly 1 (a penalty may have pushed a logit to +inf: clamp first).
     logits = logits.clamp(max=torch.finfo(logits.dtype).max)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temps[:, None]
-    if any(r.params.top_k for r in rows):
-        ks = torch.tensor([r.params.top_k or logits.shape[-1] for r in rows], device=device)
-        ks = ks.clamp(max=logits.shape[-1])
-        kth = logits.sort(dim=-1, descending=True).values.gather(1, (ks - 1)[:, None])
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
+    weights = ((logits - logits.amax(dim=-1, keepdim=True)) / temps[:, None]).exp_()
+    with_k = [j for j, r in enumerate(rows) if 0 < r.params.top_k < vocab]
+    if with_k:  # the k-th largest weight of each such row bounds what it keeps (ties at it stay)
+        ks = torch.tensor([rows[j].params.top_k for j in with_k], device=device)
+        kth = weights[with_k].topk(int(ks.max())).values.gather(1, (ks - 1)[:, None])
+        weights[with_k] = weights[with_k].masked_fill(weights[with_k] < kth, 0.0)
     if any(r.params.top_p < 1.0 for r in rows):
-        top_p = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=device)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest set whose mass reaches top_p: drop a token if the mass before it already does,
-        # but never the most likely one (a top_p that rounds to 0 in float32 would drop them all).
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
-        drop_sorted[:, 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    if any(r.params.min_p > 0 for r in rows):
-        min_p = torch.tensor([r.params.min_p for r in rows], dtype=probs.dtype, device=device)
-        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
-    noise = torch.empty_like(probs)
+        top_p = torch.tensor([r.params.top_p for r in rows], dtype=weights.dtype, device=device)
+        floor = _nucleus_floor(weights, top_p * weights.sum(dim=-1))
+        weights = weights.masked_fill(weights < floor, 0.0)
+    if any(r.params.min_p > 0 for r in rows):  # relative to the most likely token's weight, 1
+        min_p = torch.tensor([r.params.min_p for r in rows], dtype=weights.dtype, device=device)
+        weights = weights.masked_fill(weights < min_p[:, None], 0.0)
+    # Inverse CDF: the first token whose cumulative weight passes u * total, u uniform in [0, 1). The
+    # target stays below the total, so a token of weight 0 (cdf flat across it) is never chosen.
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1]
+    target = torch.minimum(_uniforms(rows, device) * total, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1).clamp(max=vocab - 1)
+    return tokens, total.isfinite() & (total > 0)
+
+
+def _nucleus_floor(weights: Tensor, mass: Tensor) -> Tensor:
+    """[rows, 1]: the weight of the least likely token in each row's nucleus (its most likely tokens
+    whose weight first reaches `mass`: top_p of the total; a token tied with that one stays in too).
+
+    Looks among each row's 64 most likely tokens first, then 8 times more, before sorting a whole
+    row: a full sort of 32 rows of 8,192 took 10 ms on the 2-vCPU box, the first `topk` 0.4 ms.
+    """
+    vocab = weights.shape[-1]
+    k = min(64, vocab)
+    while True:
+        top = weights.topk(k).values  # most likely first
+        # Kept: the tokens whose more likely ones weigh less than `mass`; never fewer than one (a top_p
+        # that rounds to 0 in float32 would keep none).
+        kept = ((top.cumsum(dim=-1) - top) < mass[:, None]).sum(dim=-1).clamp(min=1)
+        if k == vocab or bool((kept < k).all()):  # every nucleus ends within these k
+            return top.gather(1, (kept - 1)[:, None])
+        k = min(8 * k, vocab)
+
+
+def _uniforms(rows: list[SampleRow], device: torch.device) -> Tensor:
+    """One uniform draw per row: a seeded row's from its own generator (see `skip_draws`)."""
+    u = torch.empty(len(rows), device=device)
     unseeded = [j for j, r in enumerate(rows) if r.generator is None]
     if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1], device=device).exponential_()
-    for j, r in enumerate(rows):
+        u[unseeded] = torch.rand(len(unseeded), device=device)
+    for j, r in enumerate(rows):  # in row order: a sequence's verify rows share its generator
         if r.generator is not None:
-            noise[j].exponential_(generator=r.generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of exactly 0 would make 0 / 0 = NaN
-    total = probs.sum(dim=-1)
-    return (probs / noise).max(dim=-1).indices, total.isfinite() & (total > 0)
+            u[j] = _seeded_draw(r.generator)
+    return u
+
+
+def _seeded_draw(generator: torch.Generator) -> Tensor:
+    return torch.rand(1, generator=generator, device=generator.device)
+
+
+def skip_draws(generator: torch.Generator, tokens: int) -> None:
+    """Advance a seeded row's generator past the draws of `tokens` sampled tokens, as the sampler makes
+    them (speculative decoding rewinds it to where its emitted tokens' draws end)."""
+    for _ in range(tokens):
+        _seeded_draw(generator)
 
 
 @torch.inference_mode()

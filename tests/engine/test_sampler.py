@@ -41,6 +41,25 @@ def test_top_k_top_p_min_p_filter_the_tail() -> None:
     assert set(draw(row(min_p=0.4))) == {0, 1}  # keep p >= 0.4 * 0.55 = 0.22
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.97])
+def test_a_wide_nucleus_is_cut_where_a_full_sort_cuts_it(top_p: float) -> None:
+    """Nuclei of tens, hundreds and thousands of tokens (past the first 64 and 512 looked at): no
+    token outside is ever drawn, and the nucleus' least likely tokens are."""
+    vocab = 8192
+    shuffle = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))
+    logits = torch.linspace(0.0, -6.0, vocab)[shuffle]  # nuclei of 70, 943 and 4,682 tokens
+    probs = logits.softmax(-1)
+    ordered = probs.sort(descending=True)
+    size = int(((ordered.values.cumsum(-1) - ordered.values) < top_p).sum())
+    nucleus = set(ordered.indices[:size].tolist())
+    tail = set(ordered.indices[int(size * 0.9) : size].tolist())  # its least likely tenth
+    drawn: set[int] = set()
+    for _ in range(10):
+        drawn |= set(sample(logits.repeat(100, 1), [row(top_p=top_p)] * 100).token_ids)
+    assert drawn <= nucleus
+    assert size < 20 or drawn & tail, size
+
+
 def test_logit_bias_and_banned_ids() -> None:
     assert set(draw(row(temperature=0, logit_bias={3: 100}))) == {3}
     assert set(draw(row(logit_bias={0: -100, 1: -100}))) <= {2, 3}
