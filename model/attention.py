@@ -77,7 +77,7 @@ def _reference_body(
 
 @torch.library.register_fake("tinyserve::paged_decode_attention")
 def _(q: Tensor, *args: object) -> Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as every body returns it, whatever q's strides
 
 
 paged_decode_attention = torch.ops.tinyserve.paged_decode_attention
