@@ -1,8 +1,7 @@
 // y = x @ w.T (+ b) for the rows of a decode step: every weight read once, every output row computed alike.
 //
-// At decode batch sizes a linear layer is a stream of its weight. The kernel walks the weight in groups
-// of four rows (prefetching the groups ahead, since four interleaved row streams defeat the hardware
-// prefetcher) and multiplies each group with the input rows, two at a time, while it sits in L1.
+// At decode batch sizes a linear layer is a stream of its weight. The kernel walks the weight one row
+// after the next and multiplies each row with the input rows, two at a time, while it sits in L1.
 // Weights may be float32, bfloat16 or int8 (with a float32 scale per row, model/quantization.py); they
 // are widened to float32 in registers, so a bfloat16 model streams half the bytes and an int8 one a
 // quarter, on any CPU, including those without bfloat16 arithmetic (where torch's own bfloat16 products
@@ -31,8 +30,6 @@ namespace {
 
 // The largest decode step the kernel serves; it beats at::linear on widened weights up to here.
 constexpr int64_t kMaxRows = 64;
-// How many four-row weight groups ahead to prefetch (into L2: measured faster than into L1 here).
-constexpr int64_t kPrefetchGroups = 2;
 
 // Whether this CPU has bfloat16 arithmetic (the kernel is built with -march=native). Without it, torch's
 // bfloat16 matrix products are many times slower than float32 ones, so larger batches widen the weight.
@@ -72,40 +69,44 @@ inline void load16(const int8_t* p, __m256& a, __m256& b) {
   a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
   b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
 }
-// The four horizontal sums [sum(a), sum(b), sum(c), sum(d)].
-inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+// The sum of a's eight lanes, always added in the same tree.
+inline float hsum(__m256 a) {
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
 }
 #endif
 
-// out[r][j] = dot(x row r, weight row j) for the four weight rows w[j] and R (1 or 2) input rows.
-// Per output: one float32 accumulator per lane over the 16-blocks (first half, then second half of
-// each), then the lanes' sum, then the leftover features in order: the same sequence for every R.
-template <typename T, int R>
-inline void tile(const float* const* x, const T* const* w, int64_t k, float out[][4]) {
+// out[r][j] = dot(x row r, weight row w[j]) for W weight rows and R input rows (W * R <= 8). Every
+// output is summed in one order, whatever tile computes it: one float32 accumulator per lane over the
+// 16-feature blocks (the first half, then the second half of each; bfloat16 blocks in even/odd order),
+// then the sum of its lanes, then the leftover features in order. A row's result therefore does not
+// depend on the batch around it, the tile it falls in or the number of threads.
+template <typename T, int W, int R>
+inline void tile(const float* const* x, const T* const* w, int64_t k, float out[][W]) {
   int64_t d = 0;
-  float sums[R][4];
+  float sums[R][W];
 #ifdef __AVX2__
-  __m256 acc[R][4];
+  __m256 acc[R][W];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < W; ++j) acc[r][j] = _mm256_setzero_ps();
   for (; d + 16 <= k; d += 16) {
     __m256 xa[R], xb[R];
     for (int r = 0; r < R; ++r) xa[r] = _mm256_loadu_ps(x[r] + d), xb[r] = _mm256_loadu_ps(x[r] + d + 8);
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < W; ++j) {
       __m256 wa, wb;
       load16(w[j] + d, wa, wb);
       for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xb[r], wb, _mm256_fmadd_ps(xa[r], wa, acc[r][j]));
     }
   }
-  for (int r = 0; r < R; ++r) _mm_storeu_ps(sums[r], hsum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < W; ++j) sums[r][j] = hsum(acc[r][j]);
 #else
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) sums[r][j] = 0.f;
+    for (int j = 0; j < W; ++j) sums[r][j] = 0.f;
 #endif
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < W; ++j) {
       float s = sums[r][j];
       for (int64_t e = d; e < k; ++e) s += x[r][e] * widen(w[j][e]);
       out[r][j] = s;
@@ -128,22 +129,21 @@ const float* prepare_input(const In* x, int64_t rows, int64_t k, std::vector<flo
   return buffer.data();
 }
 
-// Every input row against one group of four weight rows (n to n + valid), two rows per tile: each
-// product times its weight row's scale when `scales` is given, plus the bias when given, rounded once
-// into y's type.
-template <typename W, typename Out>
-void group_rows(const float* x, const W* const* w, int64_t rows, int64_t k, int64_t n, int64_t valid,
-                const float* scales, const float* bias, Out* y, int64_t n_out) {
-  float out[2][4];
+// Every input row against the W weight rows from n on, two input rows per tile: each product times
+// its weight row's scale when `scales` is given, plus the bias when given, rounded once into y's type.
+template <int W, typename T, typename Out>
+void weight_rows(const float* x, const T* const* w, int64_t rows, int64_t k, int64_t n, const float* scales,
+                 const float* bias, Out* y, int64_t n_out) {
+  float out[2][W];
   for (int64_t r = 0; r < rows; r += 2) {
     const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
     const int64_t here = std::min<int64_t>(2, rows - r);
     if (here == 2)
-      tile<W, 2>(rx, w, k, out);
+      tile<T, W, 2>(rx, w, k, out);
     else
-      tile<W, 1>(rx, w, k, out);
+      tile<T, W, 1>(rx, w, k, out);
     for (int64_t i = 0; i < here; ++i)
-      for (int64_t j = 0; j < valid; ++j) {
+      for (int64_t j = 0; j < W; ++j) {
         float v = scales ? out[i][j] * scales[n + j] : out[i][j];
         if (bias) v += bias[n + j];
         y[(r + i) * n_out + n + j] = static_cast<Out>(v);
@@ -151,55 +151,91 @@ void group_rows(const float* x, const W* const* w, int64_t rows, int64_t k, int6
   }
 }
 
-// int8 weights are widened with four instructions per eight weights: from this many input rows on, a
-// group is widened once into float32 (exactly, in the same lane order) and every tile reads that.
-constexpr int64_t kWidenInt8Rows = 4;
+// Up to this many input rows the product is a stream of the weight, walked one row after the next.
+// Above it the product is bound by arithmetic, and four weight rows at a time share each input load.
+// (One row per unit streamed the weight 1.3-1.9x faster at one input row; four rows per unit did 1.4x
+// more arithmetic per load at 32.)
+constexpr int64_t kStreamRows = 3;
+// How many weight rows ahead to prefetch (into L2: measured faster than into L1 here). The hardware
+// prefetcher alone loses interleaved row streams.
+constexpr int64_t kPrefetchRows = 8;
 
-// y[rows, n_out] = x[rows, k] @ w[n_out, k].T (see group_rows). Threads split the weight rows, so each
-// streams its own contiguous part.
-template <typename T, typename Out>
-void gemm_rows(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
-               int64_t n_out, int64_t k) {
-  const int64_t groups = (n_out + 3) / 4;
-  const int64_t group_bytes = 4 * k * static_cast<int64_t>(sizeof(T));
-  // Enough groups per task that a thread's share is worth waking it for (about 64 KiB of weight).
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(group_bytes, 1));
-  const bool widen_first = std::is_same_v<T, int8_t> && rows >= kWidenInt8Rows;
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> widened(widen_first ? 4 * k : 0);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t n = g * 4, valid = std::min<int64_t>(4, n_out - n);
+// int8 weights are widened with four instructions per eight weights: when four weight rows share every
+// input row, they are widened once into float32 (exactly, in the same lane order) and the tiles read that.
+
+// Weight rows in units of W, from unit `begin` to `end`, against every input row (two per tile): each
+// product times its weight row's scale when `scales` is given, plus the bias when given, rounded once
+// into y's type. A last unit of fewer than W rows repeats its last row; only the valid outputs are kept.
+template <int W, typename T, typename Out>
+void walk(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
+          int64_t n_out, int64_t k, int64_t begin, int64_t end) {
+  constexpr bool widen_first = W > 1 && std::is_same_v<T, int8_t>;
+  std::vector<float> widened(widen_first ? W * k : 0);
+  const int64_t unit_bytes = W * k * static_cast<int64_t>(sizeof(T));
+  float out[2][W];
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t n = u * W, valid = std::min<int64_t>(W, n_out - n);
 #ifdef __AVX2__
-      if (g + kPrefetchGroups < end) {
-        const char* ahead = reinterpret_cast<const char*>(w + (n + 4 * kPrefetchGroups) * k);
-        for (int64_t b = 0; b < group_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
-      }
+    if (n + kPrefetchRows + W <= n_out) {
+      const char* ahead = reinterpret_cast<const char*>(w + (n + kPrefetchRows) * k);
+      for (int64_t b = 0; b < unit_bytes; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+    }
 #endif
-      // A last group of fewer than four rows repeats its last row; only the valid outputs are kept.
-      const T* rw[4];
-      for (int64_t j = 0; j < 4; ++j) rw[j] = w + (n + std::min(j, valid - 1)) * k;
-      if (!widen_first) {
-        group_rows(x, rw, rows, k, n, valid, scales, bias, y, n_out);
-        continue;
-      }
-      const float* fw[4];
-      for (int64_t j = 0; j < 4; ++j) {
-        float* row = widened.data() + j * k;
+    const T* rw[W];
+    for (int64_t j = 0; j < W; ++j) rw[j] = w + (n + std::min<int64_t>(j, valid - 1)) * k;
+    const float* fw[W];
+    if constexpr (widen_first)
+      for (int64_t j = 0; j < W; ++j) {
+        float* dst = widened.data() + j * k;
         int64_t d = 0;
 #ifdef __AVX2__
         for (; d + 16 <= k; d += 16) {
           __m256 a, b;
           load16(rw[j] + d, a, b);
-          _mm256_storeu_ps(row + d, a);
-          _mm256_storeu_ps(row + d + 8, b);
+          _mm256_storeu_ps(dst + d, a);
+          _mm256_storeu_ps(dst + d + 8, b);
         }
 #endif
-        for (; d < k; ++d) row[d] = widen(rw[j][d]);
-        fw[j] = row;
+        for (; d < k; ++d) dst[d] = widen(rw[j][d]);
+        fw[j] = dst;
       }
-      group_rows(x, fw, rows, k, n, valid, scales, bias, y, n_out);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
+      const int64_t here = std::min<int64_t>(2, rows - r);
+      if constexpr (widen_first)
+        here == 2 ? tile<float, W, 2>(rx, fw, k, out) : tile<float, W, 1>(rx, fw, k, out);
+      else
+        here == 2 ? tile<T, W, 2>(rx, rw, k, out) : tile<T, W, 1>(rx, rw, k, out);
+      for (int64_t i = 0; i < here; ++i)
+        for (int64_t j = 0; j < valid; ++j) {
+          float v = scales ? out[i][j] * scales[n + j] : out[i][j];
+          if (bias) v += bias[n + j];
+          y[(r + i) * n_out + n + j] = static_cast<Out>(v);
+        }
     }
+  }
+}
+
+// y[rows, n_out] = x[rows, k] @ w[n_out, k].T in units of W weight rows (see walk). Threads split the
+// units, so each streams its own contiguous share of the weight.
+template <int W, typename T, typename Out>
+void gemm_units(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
+                int64_t n_out, int64_t k) {
+  const int64_t unit_bytes = W * k * static_cast<int64_t>(sizeof(T));
+  // Enough units per task that a thread's share is worth waking it for (about 64 KiB of weight).
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(unit_bytes, 1));
+  at::parallel_for(0, (n_out + W - 1) / W, grain, [&](int64_t begin, int64_t end) {
+    walk<W>(x, w, scales, bias, y, rows, n_out, k, begin, end);
   });
+}
+
+template <typename T, typename Out>
+void gemm_rows(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
+               int64_t n_out, int64_t k) {
+  if (rows <= kStreamRows)
+    gemm_units<1>(x, w, scales, bias, y, rows, n_out, k);
+  else
+    gemm_units<4>(x, w, scales, bias, y, rows, n_out, k);
 }
 
 // The streamed product for x (float32 or bfloat16, any leading shape), in x's dtype and shape.
