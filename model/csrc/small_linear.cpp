@@ -1,7 +1,8 @@
 // y = x @ w.T (+ b) for the rows of a decode step: every weight read once, every output row computed alike.
 //
 // At decode batch sizes a linear layer is a stream of its weight. The kernel walks the weight one row
-// after the next and multiplies each row with the input rows, two at a time, while it sits in L1.
+// after the next (or, from four input rows on, four rows at a time) and multiplies each with the input
+// rows, two at a time, while it sits in L1.
 // Weights may be float32, bfloat16 or int8 (with a float32 scale per row, model/quantization.py); they
 // are widened to float32 in registers, so a bfloat16 model streams half the bytes and an int8 one a
 // quarter, on any CPU, including those without bfloat16 arithmetic (where torch's own bfloat16 products
