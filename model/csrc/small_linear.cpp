@@ -1,7 +1,7 @@
 // y = x @ w.T (+ b) for the rows of a decode step: every weight read once, every output row computed alike.
 //
 // At decode batch sizes a linear layer is a stream of its weight. The kernel walks the weight one row
-// after the next (or, from four input rows on, four rows at a time) and multiplies each with the input
+// after the next (or, from four input rows on, two rows at a time) and multiplies each with the input
 // rows, two at a time, while it sits in L1.
 // Weights may be float32, bfloat16 or int8 (with a float32 scale per row, model/quantization.py); they
 // are widened to float32 in registers, so a bfloat16 model streams half the bytes and an int8 one a
@@ -78,30 +78,34 @@ inline float hsum(__m256 a) {
 }
 #endif
 
-// out[r][j] = dot(x row r, weight row w[j]) for W weight rows and R input rows (W * R <= 8). Every
-// output is summed in one order, whatever tile computes it: one float32 accumulator per lane over the
-// 16-feature blocks (the first half, then the second half of each; bfloat16 blocks in even/odd order),
-// then the sum of its lanes, then the leftover features in order. A row's result therefore does not
-// depend on the batch around it, the tile it falls in or the number of threads.
+// out[r][j] = dot(x row r, weight row w[j]) for W weight rows and R input rows (W * R <= 4). Every
+// output is summed in one order, whatever tile computes it: two float32 accumulators take the first
+// and the second half of each 16-feature block (bfloat16 blocks in even/odd order; two independent
+// chains keep the FMA units busy when one weight row streams alone), then the lanes of their sum in
+// one tree, then the leftover features in order. A row's result therefore does not depend on the
+// batch around it, the tile it falls in or the number of threads.
 template <typename T, int W, int R>
 inline void tile(const float* const* x, const T* const* w, int64_t k, float out[][W]) {
   int64_t d = 0;
   float sums[R][W];
 #ifdef __AVX2__
-  __m256 acc[R][W];
+  __m256 lo[R][W], hi[R][W];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < W; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int j = 0; j < W; ++j) lo[r][j] = hi[r][j] = _mm256_setzero_ps();
   for (; d + 16 <= k; d += 16) {
     __m256 xa[R], xb[R];
     for (int r = 0; r < R; ++r) xa[r] = _mm256_loadu_ps(x[r] + d), xb[r] = _mm256_loadu_ps(x[r] + d + 8);
     for (int j = 0; j < W; ++j) {
       __m256 wa, wb;
       load16(w[j] + d, wa, wb);
-      for (int r = 0; r < R; ++r) acc[r][j] = _mm256_fmadd_ps(xb[r], wb, _mm256_fmadd_ps(xa[r], wa, acc[r][j]));
+      for (int r = 0; r < R; ++r) {
+        lo[r][j] = _mm256_fmadd_ps(xa[r], wa, lo[r][j]);
+        hi[r][j] = _mm256_fmadd_ps(xb[r], wb, hi[r][j]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < W; ++j) sums[r][j] = hsum(acc[r][j]);
+    for (int j = 0; j < W; ++j) sums[r][j] = hsum(_mm256_add_ps(lo[r][j], hi[r][j]));
 #else
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < W; ++j) sums[r][j] = 0.f;
@@ -153,16 +157,11 @@ void weight_rows(const float* x, const T* const* w, int64_t rows, int64_t k, int
 }
 
 // Up to this many input rows the product is a stream of the weight, walked one row after the next.
-// Above it the product is bound by arithmetic, and four weight rows at a time share each input load.
-// (One row per unit streamed the weight 1.3-1.9x faster at one input row; four rows per unit did 1.4x
-// more arithmetic per load at 32.)
+// Above it the product is bound by arithmetic, and two weight rows at a time share each input load.
+// (One row per unit streamed the weight 1.3-1.9x faster at one input row than four interleaved rows.)
 constexpr int64_t kStreamRows = 3;
-// How many weight rows ahead to prefetch (into L2: measured faster than into L1 here). The hardware
-// prefetcher alone loses interleaved row streams.
+// How many weight rows ahead to prefetch (into L2: measured faster than into L1 here).
 constexpr int64_t kPrefetchRows = 8;
-
-// int8 weights are widened with four instructions per eight weights: when four weight rows share every
-// input row, they are widened once into float32 (exactly, in the same lane order) and the tiles read that.
 
 // Weight rows in units of W, from unit `begin` to `end`, against every input row (two per tile): each
 // product times its weight row's scale when `scales` is given, plus the bias when given, rounded once
@@ -170,8 +169,6 @@ constexpr int64_t kPrefetchRows = 8;
 template <int W, typename T, typename Out>
 void walk(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
           int64_t n_out, int64_t k, int64_t begin, int64_t end) {
-  constexpr bool widen_first = W > 1 && std::is_same_v<T, int8_t>;
-  std::vector<float> widened(widen_first ? W * k : 0);
   const int64_t unit_bytes = W * k * static_cast<int64_t>(sizeof(T));
   float out[2][W];
   for (int64_t u = begin; u < end; ++u) {
@@ -184,29 +181,13 @@ void walk(const float* x, const T* w, const float* scales, const float* bias, Ou
 #endif
     const T* rw[W];
     for (int64_t j = 0; j < W; ++j) rw[j] = w + (n + std::min<int64_t>(j, valid - 1)) * k;
-    const float* fw[W];
-    if constexpr (widen_first)
-      for (int64_t j = 0; j < W; ++j) {
-        float* dst = widened.data() + j * k;
-        int64_t d = 0;
-#ifdef __AVX2__
-        for (; d + 16 <= k; d += 16) {
-          __m256 a, b;
-          load16(rw[j] + d, a, b);
-          _mm256_storeu_ps(dst + d, a);
-          _mm256_storeu_ps(dst + d + 8, b);
-        }
-#endif
-        for (; d < k; ++d) dst[d] = widen(rw[j][d]);
-        fw[j] = dst;
-      }
     for (int64_t r = 0; r < rows; r += 2) {
       const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
       const int64_t here = std::min<int64_t>(2, rows - r);
-      if constexpr (widen_first)
-        here == 2 ? tile<float, W, 2>(rx, fw, k, out) : tile<float, W, 1>(rx, fw, k, out);
+      if (here == 2)
+        tile<T, W, 2>(rx, rw, k, out);
       else
-        here == 2 ? tile<T, W, 2>(rx, rw, k, out) : tile<T, W, 1>(rx, rw, k, out);
+        tile<T, W, 1>(rx, rw, k, out);
       for (int64_t i = 0; i < here; ++i)
         for (int64_t j = 0; j < valid; ++j) {
           float v = scales ? out[i][j] * scales[n + j] : out[i][j];
@@ -236,7 +217,7 @@ void gemm_rows(const float* x, const T* w, const float* scales, const float* bia
   if (rows <= kStreamRows)
     gemm_units<1>(x, w, scales, bias, y, rows, n_out, k);
   else
-    gemm_units<4>(x, w, scales, bias, y, rows, n_out, k);
+    gemm_units<2>(x, w, scales, bias, y, rows, n_out, k);
 }
 
 // The streamed product for x (float32 or bfloat16, any leading shape), in x's dtype and shape.
