@@ -14,12 +14,28 @@ import torch
 from model.checkpoint import load_model, save_model
 from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
-from server.engine.speculative import REST_STEPS, WINDOW, ngram_proposal
+from server.engine.speculative import REST_STEPS, WINDOW, NgramIndex
 from server.engine.structured import Constraint
 from tests.conftest import make_tiny_checkpoint
 from tests.engine.engine_driver import Result, run, submit
 
 SPEC = {"speculative_method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+def ngram_proposal(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """A fresh index's proposal for the whole of `tokens`."""
+    return NgramIndex(n_min, n_max).propose(tokens, k)
+
+
+def scanned_proposal(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """The proposal by its definition: scan for the longest suffix's latest earlier occurrence."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        ends = [e for e in range(n - 1, len(tokens) - 1) if tokens[e - n + 1 : e + 1] == suffix]
+        if ends:
+            follow = tokens[ends[-1] + 1 :]
+            return [follow[i % len(follow)] for i in range(k)]
+    return []
 
 
 def test_ngram_proposal_takes_the_longest_suffix_and_its_latest_earlier_occurrence() -> None:
@@ -32,6 +48,21 @@ def test_ngram_proposal_takes_the_longest_suffix_and_its_latest_earlier_occurren
     assert ngram_proposal([7, 1, 2, 1, 2], 5, 2, 2) == [1, 2, 1, 2, 1]
     assert ngram_proposal([4, 4, 4], 3, 1, 1) == [4, 4, 4]
     assert ngram_proposal([1, 2, 9, 2], 3, 2, 2) == []  # only 1-grams match, below the minimum
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_ngram_index_grown_token_by_token_proposes_what_a_scan_finds(seed: int) -> None:
+    """The index is kept as a sequence grows (by one token, or several after an accepted draft), and
+    each of its proposals equals a scan of the whole sequence."""
+    rng = random.Random(seed)
+    n_min = rng.randint(1, 3)
+    n_max = n_min + rng.randint(0, 3)
+    index = NgramIndex(n_min, n_max)
+    tokens = [rng.randrange(6) for _ in range(rng.randint(0, 20))]  # a small vocabulary: many matches
+    for _ in range(150):
+        k = rng.randint(1, 6)
+        assert index.propose(tokens, k) == scanned_proposal(tokens, k, n_min, n_max), (tokens, k)
+        tokens += [rng.randrange(6) for _ in range(rng.choice([1, 1, 1, 2, 4]))]
 
 
 def prompts(engine: LLMEngine, count: int, seed: int) -> list[list[int]]:
