@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--streams", type=int, default=16, help="requests at once for the throughput check")
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.num_speculative_tokens)
     parser.add_argument("--prompt-lookup-min", type=int, default=2)
     parser.add_argument("--prompt-lookup-max", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)

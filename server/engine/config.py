@@ -63,7 +63,10 @@ class EngineConfig:
     speculative_model: Path | None = knob(
         "checkpoint directory of the draft model (--speculative-method draft): same tokenizer, smaller"
     )
-    num_speculative_tokens: int = knob("tokens proposed per sequence and step when speculating", 4)
+    # 3: one sequence's verify step (k + 1 = 4 rows) fills a compiled decode bucket; with 4 it took the
+    # 8-row bucket, and single-stream speed-ups fell (shipped model, one run each: code 2.18x against
+    # 1.80x with ngram, 1.28x against 1.12x with the distilled draft; README, Speculative decoding).
+    num_speculative_tokens: int = knob("tokens proposed per sequence and step when speculating", 3)
     prompt_lookup_min: int = knob("shortest n-gram the ngram proposer matches", 2)
     prompt_lookup_max: int = knob("longest n-gram the ngram proposer matches (tried first)", 5)
     speculative_disable_by_batch_size: int = knob(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_model, save_model
+from server.engine.config import EngineConfig
 from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
 from server.engine.speculative import REST_STEPS, WINDOW, NgramIndex
@@ -334,7 +335,7 @@ def test_a_prompt_only_request_finishing_in_a_verify_step_generates_nothing(
 def test_a_single_stream_engine_compiles_buckets_for_its_verify_rows(
     make_engine: Callable[..., LLMEngine],
 ) -> None:
-    engine = make_engine(max_num_seqs=1, **SPEC)  # k = 4: a verify step is 5 rows
+    engine = make_engine(max_num_seqs=1, **SPEC, num_speculative_tokens=4)  # a verify step is 5 rows
     assert engine.runner.buckets == [2, 4, 8]
     run(
         engine, [submit(engine, [9, 8, 7] * 5, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))]
@@ -409,8 +410,9 @@ def test_a_row_whose_proposals_fail_rests(
 ) -> None:
     """A draft that is never right gets WINDOW drafts, then rests REST_STEPS steps, and so on, and after
     its first miss proposes about one token a draft; a draft that is always right never rests and keeps
-    proposing k (4) tokens."""
+    proposing k tokens."""
     params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    k = EngineConfig.num_speculative_tokens
     drafts = {}
     for draft in (other_draft, tiny_checkpoint):
         engine = make_engine(dtype="float32", speculative_method="draft", speculative_model=draft)
@@ -423,7 +425,7 @@ def test_a_row_whose_proposals_fail_rests(
     assert good.spec_accepted_tokens >= 0.9 * good.spec_draft_tokens
     assert good.spec_drafts >= 119 // (good.spec_emitted_tokens / good.spec_drafts) - 1  # every step drafted
     assert bad.spec_draft_tokens < 1.5 * bad.spec_drafts
-    assert good.spec_draft_tokens >= 0.9 * 4 * good.spec_drafts  # less only where the sequence ends
+    assert good.spec_draft_tokens >= 0.9 * k * good.spec_drafts  # less only where the sequence ends
 
 
 def test_abort_frees_the_draft_models_blocks_too(
