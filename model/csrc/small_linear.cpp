@@ -134,28 +134,6 @@ const float* prepare_input(const In* x, int64_t rows, int64_t k, std::vector<flo
   return buffer.data();
 }
 
-// Every input row against the W weight rows from n on, two input rows per tile: each product times
-// its weight row's scale when `scales` is given, plus the bias when given, rounded once into y's type.
-template <int W, typename T, typename Out>
-void weight_rows(const float* x, const T* const* w, int64_t rows, int64_t k, int64_t n, const float* scales,
-                 const float* bias, Out* y, int64_t n_out) {
-  float out[2][W];
-  for (int64_t r = 0; r < rows; r += 2) {
-    const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
-    const int64_t here = std::min<int64_t>(2, rows - r);
-    if (here == 2)
-      tile<T, W, 2>(rx, w, k, out);
-    else
-      tile<T, W, 1>(rx, w, k, out);
-    for (int64_t i = 0; i < here; ++i)
-      for (int64_t j = 0; j < W; ++j) {
-        float v = scales ? out[i][j] * scales[n + j] : out[i][j];
-        if (bias) v += bias[n + j];
-        y[(r + i) * n_out + n + j] = static_cast<Out>(v);
-      }
-  }
-}
-
 // Up to this many input rows the product is a stream of the weight, walked one row after the next.
 // Above it the product is bound by arithmetic, and two weight rows at a time share each input load.
 // (One row per unit streamed the weight 1.3-1.9x faster at one input row than four interleaved rows.)
