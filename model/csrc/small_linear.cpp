@@ -8,6 +8,9 @@
 // quarter, on any CPU, including those without bfloat16 arithmetic (where torch's own bfloat16 products
 // are slow). bfloat16 is widened without shuffles: a 32-bit lane holds two bfloat16 values, a shift
 // gives the even one and a mask the odd one, and the input row is permuted once per call to match.
+// Where the CPU multiplies bfloat16 itself (AVX512-BF16, which AMX CPUs also have), bfloat16 input
+// against bfloat16 weights takes its dot-product instruction instead: 32 weights an instruction, none
+// widened (the projections of a shipped-model step took 0.72-0.78x the time at 2, 8 and 32 rows).
 // Accumulation is in float32, and each output is summed in the same order whatever the number of rows,
 // the tile it falls in or the number of threads: a row's result does not depend on what shares its batch.
 // Above `kMaxRows` rows (prefill) the product is compute-bound and at::linear (MKL / oneDNN) takes over;
@@ -84,7 +87,7 @@ inline float hsum(__m256 a) {
 // chains keep the FMA units busy when one weight row streams alone), then the lanes of their sum in
 // one tree, then the leftover features in order. A row's result therefore does not depend on the
 // batch around it, the tile it falls in or the number of threads.
-template <typename T, int W, int R>
+template <int W, int R, typename T>
 inline void tile(const float* const* x, const T* const* w, int64_t k, float out[][W]) {
   int64_t d = 0;
   float sums[R][W];
@@ -118,6 +121,44 @@ inline void tile(const float* const* x, const T* const* w, int64_t k, float out[
     }
 }
 
+#ifdef __AVX512BF16__
+// The same product for bfloat16 input against bfloat16 weights on a CPU with bfloat16 dot products
+// (AVX512-BF16): each instruction multiplies 32 weights with 32 inputs in pairs and adds the products to
+// 16 float32 sums, so nothing is widened and the input is used as it is. Also in one order whatever the
+// tile: two accumulators take the first and second half of each 64-feature block (a leftover 32-block
+// goes to the first), then the lanes of their sum in one tree, then the leftover features in order.
+template <int W, int R>
+inline void tile(const c10::BFloat16* const* x, const c10::BFloat16* const* w, int64_t k, float out[][W]) {
+  __m512 lo[R][W], hi[R][W];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < W; ++j) lo[r][j] = hi[r][j] = _mm512_setzero_ps();
+  const auto load = [](const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); };
+  int64_t d = 0;
+  for (; d + 64 <= k; d += 64) {
+    __m512bh xa[R], xb[R];
+    for (int r = 0; r < R; ++r) xa[r] = load(x[r] + d), xb[r] = load(x[r] + d + 32);
+    for (int j = 0; j < W; ++j) {
+      const __m512bh wa = load(w[j] + d), wb = load(w[j] + d + 32);
+      for (int r = 0; r < R; ++r) {
+        lo[r][j] = _mm512_dpbf16_ps(lo[r][j], xa[r], wa);
+        hi[r][j] = _mm512_dpbf16_ps(hi[r][j], xb[r], wb);
+      }
+    }
+  }
+  if (d + 32 <= k) {
+    for (int j = 0; j < W; ++j)
+      for (int r = 0; r < R; ++r) lo[r][j] = _mm512_dpbf16_ps(lo[r][j], load(x[r] + d), load(w[j] + d));
+    d += 32;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < W; ++j) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(lo[r][j], hi[r][j]));
+      for (int64_t e = d; e < k; ++e) s += widen(x[r][e]) * widen(w[j][e]);
+      out[r][j] = s;
+    }
+}
+#endif
+
 // The input rows as float32 in `buffer`, each full 16-block in the order the weight type is widened in.
 template <typename T, typename In>
 const float* prepare_input(const In* x, int64_t rows, int64_t k, std::vector<float>& buffer) {
@@ -144,8 +185,8 @@ constexpr int64_t kPrefetchRows = 8;
 // Weight rows in units of W, from unit `begin` to `end`, against every input row (two per tile): each
 // product times its weight row's scale when `scales` is given, plus the bias when given, rounded once
 // into y's type. A last unit of fewer than W rows repeats its last row; only the valid outputs are kept.
-template <int W, typename T, typename Out>
-void walk(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
+template <int W, typename X, typename T, typename Out>
+void walk(const X* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
           int64_t n_out, int64_t k, int64_t begin, int64_t end) {
   const int64_t unit_bytes = W * k * static_cast<int64_t>(sizeof(T));
   float out[2][W];
@@ -160,12 +201,12 @@ void walk(const float* x, const T* w, const float* scales, const float* bias, Ou
     const T* rw[W];
     for (int64_t j = 0; j < W; ++j) rw[j] = w + (n + std::min<int64_t>(j, valid - 1)) * k;
     for (int64_t r = 0; r < rows; r += 2) {
-      const float* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
+      const X* rx[2] = {x + r * k, x + std::min(r + 1, rows - 1) * k};
       const int64_t here = std::min<int64_t>(2, rows - r);
       if (here == 2)
-        tile<T, W, 2>(rx, rw, k, out);
+        tile<W, 2>(rx, rw, k, out);
       else
-        tile<T, W, 1>(rx, rw, k, out);
+        tile<W, 1>(rx, rw, k, out);
       for (int64_t i = 0; i < here; ++i)
         for (int64_t j = 0; j < valid; ++j) {
           float v = scales ? out[i][j] * scales[n + j] : out[i][j];
@@ -178,8 +219,8 @@ void walk(const float* x, const T* w, const float* scales, const float* bias, Ou
 
 // y[rows, n_out] = x[rows, k] @ w[n_out, k].T in units of W weight rows (see walk). Threads split the
 // units, so each streams its own contiguous share of the weight.
-template <int W, typename T, typename Out>
-void gemm_units(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
+template <int W, typename X, typename T, typename Out>
+void gemm_units(const X* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
                 int64_t n_out, int64_t k) {
   const int64_t unit_bytes = W * k * static_cast<int64_t>(sizeof(T));
   // Enough units per task that a thread's share is worth waking it for (about 64 KiB of weight).
@@ -189,8 +230,8 @@ void gemm_units(const float* x, const T* w, const float* scales, const float* bi
   });
 }
 
-template <typename T, typename Out>
-void gemm_rows(const float* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
+template <typename X, typename T, typename Out>
+void gemm_rows(const X* x, const T* w, const float* scales, const float* bias, Out* y, int64_t rows,
                int64_t n_out, int64_t k) {
   if (rows <= kStreamRows)
     gemm_units<1>(x, w, scales, bias, y, rows, n_out, k);
@@ -212,6 +253,14 @@ at::Tensor streamed(const at::Tensor& x, const at::Tensor& weight, const float* 
   const at::Tensor xc = x.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (x.scalar_type() == at::kBFloat16) {
+      gemm_rows(xc.data_ptr<c10::BFloat16>(), weight.data_ptr<T>(), scales, bp, y.data_ptr<c10::BFloat16>(),
+                rows, n_out, k);
+      return y;
+    }
+#endif
   thread_local std::vector<float> buffer;
   const float* xf = x.scalar_type() == at::kFloat
                         ? prepare_input<T>(xc.data_ptr<float>(), rows, k, buffer)
