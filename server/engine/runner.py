@@ -2,7 +2,7 @@
 
 Two paths (gpt-fast's prefill/decode split):
 - the decode fast path: a step where every sequence computes its one last token runs one fixed-shape
-  function of the persistent `InputBatch`, padded to a bucket of 2, 4, 8, ... rows and compiled whole
+  function of the persistent `InputBatch`, padded to a bucket of 1, 2, 4, ... rows and compiled whole
   per bucket (`torch.compile(fullgraph=True, dynamic=False)`; CUDA graphs on CUDA) at start-up;
 - the general path, eager: prefill chunks and mixed steps, laid out from the sequences each step.
   Decode rows still attend through the paged op; each prefill chunk is an attention group of its own.
@@ -57,15 +57,19 @@ PromptRows = list[tuple[Sequence, int, list[int]]]
 """Per sequence scoring its prompt: the first position computed and the flat rows holding them."""
 
 
-def decode_buckets(max_num_seqs: int) -> list[int]:
-    """Batch sizes with a compiled decode graph: powers of two from 2 up to the first >= max_num_seqs.
+def decode_buckets(max_num_seqs: int, one_row: bool = True) -> list[int]:
+    """Batch sizes with a compiled decode graph: powers of two from 1 (2 without `one_row`) up to the
+    first >= max_num_seqs.
 
-    No bucket of one row: inductor specializes a dimension of size 1, and that graph's norms round
-    differently in bfloat16 from every larger bucket's, whose rows all compute alike. Starting at two
-    keeps a row's tokens independent of its batch (a speculative verify step included); a padded second
-    row costs next to nothing, since a decode step streams the weights once for any few rows.
+    Every bucket computes a row alike, bit for bit, because the graphs round where eager rounds
+    (`emulate_precision_casts`, see `ModelRunner._compile`): without it, inductor fused a residual add
+    into the next norm and, in the one-row graph only, squared the unrounded float32 sum where the
+    larger buckets read back the bfloat16 one. A batch-1 step then pads nothing: on a CPU with bfloat16
+    dot products a second row costs 1.3-1.5x the projections of one. CUDA's graphs (`mode=
+    "reduce-overhead"`, which takes no options) keep the two-row start.
     """
-    return [2**i for i in range(1, max(1, math.ceil(math.log2(max_num_seqs))) + 1)]
+    smallest = 0 if one_row else 1
+    return [2**i for i in range(smallest, max(smallest, math.ceil(math.log2(max_num_seqs))) + 1)]
 
 
 class ModelRunner:
@@ -89,7 +93,7 @@ class ModelRunner:
         self.dtype = model.dtype
         if device.type == "cpu" and load_cpu_kernels():
             model.use_serving_linears()
-        self.buckets = decode_buckets(max_num_seqs)
+        self.buckets = decode_buckets(max_num_seqs, one_row=device.type != "cuda")
         self.fast_path = not (enforce_eager or deterministic)
         self.input_batch = InputBatch(
             self.buckets[-1], -(-max_model_len // block_size), block_size, sink_slot, device
@@ -133,12 +137,15 @@ class ModelRunner:
         # Those guards check every input's shape and strides; the generated wrapper checked them again,
         # and each output of our ops (whose fake bodies give their real layouts), with about 90 Python
         # calls a step (0.15 ms at any batch size).
+        # Intermediates are rounded to the model's dtype wherever eager stores them, so that every
+        # bucket computes a row alike (see `decode_buckets`); no cost measured at 8 and 32 rows.
+        options = {
+            "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe,
+            "size_asserts": False,
+            "emulate_precision_casts": True,
+        }
         return torch.compile(
-            own,
-            fullgraph=True,
-            dynamic=False,
-            options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe, "size_asserts": False},
-            recompile_limit=len(self.buckets),
+            own, fullgraph=True, dynamic=False, options=options, recompile_limit=len(self.buckets)
         )
 
     def warm_up(self, progress: Callable[[str], None]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.harness import ROOT
 from model.attention import paged_decode_attention, reference_decode
 from model.checkpoint import load_model, save_model
 from model.kernels import load_cpu_kernels
@@ -19,7 +20,7 @@ from server.engine.core import LLMEngine
 from server.engine.params import SamplingParams
 from tests.engine.engine_driver import Result, run, submit
 
-BUCKETS_UP_TO = 8  # buckets 2, 4, 8: every one gets used below
+BUCKETS_UP_TO = 8  # buckets 1, 2, 4, 8: every one gets used below
 
 
 def traffic(engine: LLMEngine, seed: int) -> list[Result]:
@@ -67,7 +68,7 @@ def test_compiled_decode_equals_eager_in_float32(
         "max_model_len": 128,
     }
     compiled = make_engine(enforce_eager=False, **flags)
-    assert compiled.runner.fast_path and compiled.runner.buckets == [2, 4, 8]
+    assert compiled.runner.fast_path and compiled.runner.buckets == [1, 2, 4, 8]
     eager = make_engine(enforce_eager=True, **flags)
     fast, slow = summary(traffic(compiled, seed=1)), summary(traffic(eager, seed=1))
     assert [tokens for tokens, _ in fast] == [tokens for tokens, _ in slow]
@@ -116,23 +117,28 @@ def test_engines_of_different_models_keep_their_own_graphs(
     assert outputs[0] != outputs[1]  # different models: a shared graph could not pass for both
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(("model", "dtype"), [("shipped", "bfloat16"), ("tiny", "float32")])
 def test_a_rows_logits_are_the_same_in_every_bucket(
-    make_engine: Callable[..., LLMEngine], dtype: str
+    make_engine: Callable[..., LLMEngine], model: str, dtype: str
 ) -> None:
-    """Bit for bit: what pads or shares a compiled decode step cannot change a sequence's logits."""
-    engine = make_engine(enforce_eager=False, dtype=dtype, max_num_seqs=BUCKETS_UP_TO)
+    """Bit for bit: what pads or shares a compiled decode step cannot change a sequence's logits, the
+    one-row bucket's included. (Unless the graphs round where eager rounds, inductor's one-row graph
+    fused the shipped model's residual adds into the next norm unrounded: the tiny model hid that.)"""
+    shipped = {"model": ROOT / "weights" / "default"} if model == "shipped" else {}
+    engine = make_engine(enforce_eager=False, dtype=dtype, max_num_seqs=BUCKETS_UP_TO, **shipped)
+    assert engine.runner.buckets == [1, 2, 4, 8]
     submit(engine, list(range(3, 40)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    for _ in range(3):  # the prompt, then two decode steps
-        engine.step()
+    engine.step()  # the prompt
     runner, batch = engine.runner, engine.runner.input_batch
-    batch.update(engine.scheduler.running)
-    logits = []
-    with torch.inference_mode():
-        for rows in runner.buckets:
-            batch.prepare_decode(rows)
-            logits.append(runner._decode(*batch.device_tensors(rows))[0][0].clone())
-    assert all(torch.equal(logits[0], other) for other in logits[1:])
+    for _ in range(6):  # at six positions
+        engine.step()
+        batch.update(engine.scheduler.running)
+        logits = []
+        with torch.inference_mode():
+            for rows in runner.buckets:
+                batch.prepare_decode(rows)
+                logits.append(runner._decode(*batch.device_tensors(rows))[0][0].clone())
+        assert all(torch.equal(logits[0], other) for other in logits[1:])
 
 
 def test_steady_state_traffic_never_recompiles(make_engine: Callable[..., LLMEngine]) -> None:

@@ -336,7 +336,7 @@ def test_a_single_stream_engine_compiles_buckets_for_its_verify_rows(
     make_engine: Callable[..., LLMEngine],
 ) -> None:
     engine = make_engine(max_num_seqs=1, **SPEC, num_speculative_tokens=4)  # a verify step is 5 rows
-    assert engine.runner.buckets == [2, 4, 8]
+    assert engine.runner.buckets == [1, 2, 4, 8]
     run(
         engine, [submit(engine, [9, 8, 7] * 5, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))]
     )
