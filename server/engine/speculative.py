@@ -208,8 +208,15 @@ class Speculator:
                 proposals[i] = proposal
         return proposals if any(proposals) else None
 
+    def _row(self, seq: Sequence) -> _Row:
+        """`seq`'s row, made at first use (not `setdefault`, which would build one every call)."""
+        row = self._rows.get(seq)
+        if row is None:
+            row = self._rows[seq] = _Row()
+        return row
+
     def _ngrams(self, seq: Sequence) -> NgramIndex:
-        row = self._rows.setdefault(seq, _Row())
+        row = self._row(seq)
         if row.ngrams is None:
             row.ngrams = NgramIndex(self.n_min, self.n_max)
         return row.ngrams
@@ -233,7 +240,7 @@ class Speculator:
         c.draft_tokens += proposed
         c.accepted_tokens += accepted
         c.emitted_tokens += emitted
-        row = self._rows.setdefault(seq, _Row())
+        row = self._row(seq)
         row.drafts.append((proposed, accepted))
         if self.draft is not None:
             # Each token a draft model proposes costs one of its forwards, and the verify rows grow
