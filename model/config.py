@@ -7,12 +7,14 @@ and any Llama checkpoint's config reads straight into this type.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.activations import ACTIVATIONS
 from model.dtypes import DTYPE_NAMES
 
 
@@ -34,6 +36,56 @@ REQUIRED_KEYS = (
 def _check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""transformers' rope types whose angles depend on the position alone. Left out: `dynamic` and
+`longrope`, whose angles transformers picks from the longest sequence in each forward pass (so a
+token's keys would depend on what it was batched with), and types no Llama config takes."""
+
+ROPE_NUMBERS = {
+    "factor": True,
+    "original_max_position_embeddings": True,
+    "low_freq_factor": True,
+    "high_freq_factor": True,
+    "attention_factor": True,
+    "beta_fast": False,
+    "beta_slow": False,
+    "mscale": False,
+    "mscale_all_dim": False,
+}
+"""rope_scaling's numeric keys, and whether each must be positive (the rope tables divide by those)."""
+
+
+def _check_number(name: str, value: Any, positive: bool) -> None:
+    """A finite real number, above 0 if `positive` (JSON gives ints and floats; a bool is neither here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_rope_scaling(scaling: Any, theta: float) -> None:
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling must be an object, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported ({', '.join(ROPE_TYPES)})")
+    needed = {"linear": ("factor",), "llama3": ("factor",)}
+    absent = [k for k in needed.get(kind, ()) if scaling.get(k) is None]
+    if absent:
+        raise ConfigError(f"rope_scaling type {kind!r} is missing key(s) {', '.join(absent)}")
+    for key, positive in ROPE_NUMBERS.items():
+        if scaling.get(key) is not None:
+            _check_number(f"rope_scaling {key}", scaling[key], positive)
+    if kind == "llama3" and scaling.get("low_freq_factor", 1.0) >= scaling.get("high_freq_factor", 4.0):
+        raise ConfigError("rope_scaling low_freq_factor must be below high_freq_factor")
+    if kind == "yarn" and theta == 1:
+        raise ConfigError("rope_theta must not be 1 with yarn rope scaling (its ramp divides by its log)")
 
 
 @dataclass(frozen=True)
@@ -78,20 +130,26 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(
+                f"hidden_act {self.hidden_act!r} is not supported (one of {', '.join(sorted(ACTIVATIONS))})"
+            )
         if self.torch_dtype not in DTYPES:
             raise ConfigError(f"torch_dtype must be one of {sorted(DTYPES)}, got {self.torch_dtype!r}")
+        _check_number("rms_norm_eps", self.rms_norm_eps, positive=False)
+        if self.rms_norm_eps < 0:
+            raise ConfigError(f"rms_norm_eps must not be negative, got {self.rms_norm_eps!r}")
+        _check_number("rope_theta", self.rope_theta, positive=True)
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
-            if not isinstance(self.rope_scaling, dict):
-                raise ConfigError(f"rope_scaling must be an object, got {self.rope_scaling!r}")
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ("default", "linear", "llama3"):
-                raise ConfigError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
-            needed = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}
-            absent = [k for k in needed.get(kind, ()) if k not in self.rope_scaling]
-            if absent:
-                raise ConfigError(f"rope_scaling type {kind!r} is missing key(s) {', '.join(absent)}")
+            _check_rope_scaling(self.rope_scaling, self.rope_theta)
+        if not (self.bos_token_id is None or _is_token_id(self.bos_token_id)):
+            raise ConfigError(f"bos_token_id must be a token id or null, got {self.bos_token_id!r}")
+        eos = self.eos_token_id
+        if not (eos is None or _is_token_id(eos) or (isinstance(eos, list) and all(map(_is_token_id, eos)))):
+            raise ConfigError(f"eos_token_id must be a token id, a list of them or null, got {eos!r}")
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -143,6 +201,10 @@ class ModelConfig:
             kwargs.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default" and kwargs.get("rope_scaling") is None:
                 kwargs["rope_scaling"] = rope  # also over a leftover `"rope_scaling": null`
+        # A top-level original_max_position_embeddings wins over the rope dict's, as in transformers.
+        scaling, old_context = kwargs.get("rope_scaling"), data.get("original_max_position_embeddings")
+        if isinstance(scaling, dict) and old_context is not None:
+            kwargs["rope_scaling"] = {**scaling, "original_max_position_embeddings": old_context}
         dtype = kwargs.get("torch_dtype") or data.get("dtype") or "float32"
         kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
         try:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.activations import ACTIVATIONS
 from model.attention import paged_decode_attention
 from model.config import ModelConfig
 from model.linear import ServingLinear
@@ -97,24 +98,61 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
+def rope_frequencies(config: ModelConfig) -> tuple[Tensor, float]:
+    """Rotary inverse frequencies and the factor on cos/sin (yarn's attention scaling; 1 otherwise),
+    computed with transformers' formulas and operation order, so angles match to the bit."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    base = config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / base
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    old_context = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_context = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
         smooth = (old_context / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
         inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq
+    elif kind == "yarn":
+        return _yarn_frequencies(config, base, scaling, old_context)
+    return inv_freq, 1.0
+
+
+def _yarn_frequencies(
+    config: ModelConfig, base: Tensor, scaling: dict, old_context: int
+) -> tuple[Tensor, float]:
+    """YaRN: low frequencies interpolated by `factor`, high ones kept, a linear ramp between, and
+    cos/sin scaled by an attention factor (0.1 * ln(factor) + 1 unless given)."""
+    dim = config.head_dim
+    factor = scaling.get("factor") or config.max_position_embeddings / old_context
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        weight, weight_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        both = weight and weight_all
+        attention = mscale(factor, weight) / mscale(factor, weight_all) if both else mscale(factor)
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over old_context
+        return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+
+    low, high = dim_of(scaling.get("beta_fast") or 32), dim_of(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    inv_freq = 1.0 / (factor * base) * (1 - keep) + 1.0 / base * keep
+    return inv_freq, float(attention)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -219,10 +257,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -259,11 +298,11 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.dropout = dropout
-        inv_freq = rope_inverse_frequencies(config)
+        inv_freq, scale = rope_frequencies(config)
         angles = torch.outer(torch.arange(config.max_position_embeddings).float(), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.register_buffer("rope_cos", angles.cos() * scale, persistent=False)
+        self.register_buffer("rope_sin", angles.sin() * scale, persistent=False)
 
     def init_weights(self, seed: int | None = None) -> None:
         """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""

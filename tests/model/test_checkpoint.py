@@ -247,12 +247,50 @@ BAD_CONFIGS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         ["config.json", "hidden_size", "positive integer"],
     ),
     "unsupported_activation": (
-        lambda d: edit_config(d, _set(hidden_act="gelu")),
-        ["config.json", "hidden_act", "gelu"],
+        lambda d: edit_config(d, _set(hidden_act="prelu")),
+        ["config.json", "hidden_act", "prelu"],
     ),
-    "unknown_rope_type": (
-        lambda d: edit_config(d, _set(rope_scaling={"rope_type": "yarn", "factor": 4.0})),
-        ["config.json", "rope_scaling", "yarn"],
+    "activation_not_a_name": (
+        lambda d: edit_config(d, _set(hidden_act=["silu"])),
+        ["config.json", "hidden_act", "['silu']"],
+    ),
+    "batch_dependent_rope_type": (
+        lambda d: edit_config(d, _set(rope_scaling={"rope_type": "dynamic", "factor": 4.0})),
+        ["config.json", "rope_scaling", "dynamic"],
+    ),
+    "rope_factor_string": (
+        lambda d: edit_config(d, _set(rope_scaling={"rope_type": "yarn", "factor": "4"})),
+        ["config.json", "rope_scaling factor", "'4'"],
+    ),
+    "rope_factor_zero": (
+        lambda d: edit_config(d, _set(rope_scaling={"rope_type": "linear", "factor": 0})),
+        ["config.json", "rope_scaling factor", "positive"],
+    ),
+    "llama3_frequency_band_empty": (
+        lambda d: edit_config(
+            d, _set(rope_scaling={"type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4})
+        ),
+        ["config.json", "low_freq_factor", "high_freq_factor"],
+    ),
+    "yarn_theta_one": (
+        lambda d: edit_config(d, _set(rope_theta=1, rope_scaling={"rope_type": "yarn", "factor": 2.0})),
+        ["config.json", "rope_theta", "yarn"],
+    ),
+    "negative_rope_theta": (
+        lambda d: edit_config(d, _set(rope_theta=-10000.0)),
+        ["config.json", "rope_theta", "positive"],
+    ),
+    "norm_eps_string": (
+        lambda d: edit_config(d, _set(rms_norm_eps="1e-5")),
+        ["config.json", "rms_norm_eps", "'1e-5'"],
+    ),
+    "tie_flag_string": (
+        lambda d: edit_config(d, _set(tie_word_embeddings="yes")),
+        ["config.json", "tie_word_embeddings", "'yes'"],
+    ),
+    "eos_id_string": (
+        lambda d: edit_config(d, _set(eos_token_id=["2"])),
+        ["config.json", "eos_token_id", "['2']"],
     ),
     "rope_scaling_not_object": (
         lambda d: edit_config(d, _set(rope_scaling="linear")),

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.activations import ACT2FN
 
+from model.activations import ACTIVATIONS
 from model.checkpoint import load_model
 from model.config import ModelConfig
 from model.kernels import load_cpu_kernels
@@ -99,6 +101,57 @@ HF_CASES: dict[str, dict[str, Any]] = {
         head_dim=16,
         num_hidden_layers=3,
     ),
+    # head_dim 16 over an original context of 32: the ramp runs from dimension 0 to 6 of 8, so
+    # frequencies are interpolated, kept and blended; cos/sin carry the attention factor 1.139.
+    "yarn_rope": dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "yarn_mscale_untruncated_gelu": dict(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=80,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        hidden_act="gelu_pytorch_tanh",
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+            "truncate": False,
+        },
+    ),
+    "yarn_attention_factor_relu2": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        hidden_act="relu2",
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 2.0,
+            "original_max_position_embeddings": 64,
+            "attention_factor": 0.8,
+        },
+    ),
 }
 
 
@@ -153,8 +206,17 @@ def test_float32_checkpoint_matches_transformers(case: str, tmp_path: Path) -> N
     assert_matches_hf(ours, hf, atol=1e-4)
 
 
+def test_every_activation_computes_as_transformers_does() -> None:
+    """Each `hidden_act` we accept is transformers' function to the bit; each it has that we refuse
+    carries learned parameters of its own (so a new one in transformers fails here, not silently)."""
+    x = torch.linspace(-12.0, 12.0, 2001)
+    for name, act in ACTIVATIONS.items():
+        assert torch.equal(act(x), ACT2FN[name](x)), name
+    assert set(ACT2FN) - set(ACTIVATIONS) == {"prelu", "xielu"}
+
+
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-@pytest.mark.parametrize("case", ["gqa", "odd_sizes_bias", "mqa_llama3_rope"])
+@pytest.mark.parametrize("case", ["gqa", "odd_sizes_bias", "mqa_llama3_rope", "yarn_mscale_untruncated_gelu"])
 def test_half_precision_checkpoint_matches_transformers(case: str, dtype_name: str, tmp_path: Path) -> None:
     dtype = DTYPES[dtype_name]
     hf = save_and_reload_hf(make_hf_model(case, seed=1), tmp_path, dtype)
