@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from model.config import DTYPES, ConfigError, ModelConfig
+from model.config import DTYPES, ConfigError, ModelConfig, is_token_id
 from model.transformer import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -36,6 +38,49 @@ FUSED = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+"""The sampling settings a generation_config.json may recommend that an OpenAI-style request also has."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a checkpoint's generation_config.json says about generating.
+
+    transformers' `generate()` stops at any of its `eos_token_id`s, which may be more than config.json
+    names (Llama 3's end-of-turn tokens). The sampling values are what the model's authors recommend.
+    """
+
+    eos_token_ids: tuple[int, ...] = ()
+    sampling: dict[str, Any] = field(default_factory=dict)
+    """The SAMPLING_KEYS the file sets, as written (the engine checks their ranges)."""
+    max_new_tokens: int | None = None
+
+
+def load_generation_config(directory: Path | str) -> GenerationConfig:
+    """The directory's generation_config.json, or an empty one if it has none."""
+    path = Path(directory) / GENERATION_CONFIG_FILE
+    if not path.exists():
+        return GenerationConfig()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    eos = data.get("eos_token_id")
+    eos_ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(map(is_token_id, eos_ids)):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id, a list of them or null, got {eos!r}")
+    sampling = {key: data[key] for key in SAMPLING_KEYS if data.get(key) is not None}
+    for key, value in sampling.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CheckpointError(f"{path}: {key} must be a number, got {value!r}")
+    limit = data.get("max_new_tokens")
+    if not (limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0)):
+        raise CheckpointError(f"{path}: max_new_tokens must be a positive integer or null, got {limit!r}")
+    return GenerationConfig(tuple(eos_ids), sampling, limit)
 
 
 def _hf_name(ours: str) -> str:

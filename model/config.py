@@ -65,7 +65,8 @@ def _check_number(name: str, value: Any, positive: bool) -> None:
         raise ConfigError(f"{name} must be positive, got {value!r}")
 
 
-def _is_token_id(value: Any) -> bool:
+def is_token_id(value: Any) -> bool:
+    """A non-negative int as JSON gives it (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -145,10 +146,10 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, self.rope_theta)
-        if not (self.bos_token_id is None or _is_token_id(self.bos_token_id)):
+        if not (self.bos_token_id is None or is_token_id(self.bos_token_id)):
             raise ConfigError(f"bos_token_id must be a token id or null, got {self.bos_token_id!r}")
         eos = self.eos_token_id
-        if not (eos is None or _is_token_id(eos) or (isinstance(eos, list) and all(map(_is_token_id, eos)))):
+        if not (eos is None or is_token_id(eos) or (isinstance(eos, list) and all(map(is_token_id, eos)))):
             raise ConfigError(f"eos_token_id must be a token id, a list of them or null, got {eos!r}")
 
     @property

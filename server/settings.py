@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from model.dtypes import DTYPE_NAMES, QUANTIZATIONS
-from server.engine.config import SPECULATIVE_METHODS, EngineConfig
+from server.engine.config import GENERATION_CONFIGS, SPECULATIVE_METHODS, EngineConfig
 
 ENV_PREFIX = "TINYSERVE_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -107,6 +107,7 @@ ENGINE_FLAGS = {
     "model": EngineFlag(type=Path),
     "dtype": EngineFlag(choices=DTYPE_NAMES),
     "quantization": EngineFlag(choices=QUANTIZATIONS),
+    "generation_config": EngineFlag(choices=GENERATION_CONFIGS),
     "speculative_method": EngineFlag(choices=SPECULATIVE_METHODS),
     "speculative_model": EngineFlag(type=Path),
     "kv_cache_memory": EngineFlag(type=byte_size),

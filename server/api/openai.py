@@ -138,7 +138,7 @@ class ChatFormat:
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
     state.check_model(body.model)
-    params = body.sampling_params()
+    params = body.sampling_params(state.engine.sampling_defaults)
     prompts = body.prompts()
     structured = structured_output(body)
     echo = None
@@ -161,7 +161,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = state_of(request)
     state.check_model(body.model)
-    params = body.sampling_params()
+    params = body.sampling_params(state.engine.sampling_defaults)
     messages = body.chat_messages()
     structured = structured_output(body)
     use = tools.tool_use(body)

@@ -9,6 +9,7 @@ Responses are plain dicts: they are built per token on the streaming path, where
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -124,8 +125,10 @@ class _Generation(_Strict):
         "skip_special_tokens",
     )  # fmt: skip
 
-    def _sampling_kwargs(self) -> dict[str, Any]:
-        return {name: value for name in self._PASSED if (value := getattr(self, name)) is not None}
+    def _sampling_kwargs(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """The request's sampling fields over `defaults` (the model's recommendation) for those it omits."""
+        given = {name: value for name in self._PASSED if (value := getattr(self, name)) is not None}
+        return {**defaults, **given}
 
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -167,12 +170,12 @@ class CompletionRequest(_Generation):
     def tokenization(self) -> Tokenization:
         return Tokenization.for_prompt(self.parse_special, self.add_special_tokens)
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         """Validate everything not tied to the model; raise ParamError naming the field."""
         self._check_common()
         if self.suffix:
             raise ParamError("suffix", "suffix is not supported")
-        kwargs = self._sampling_kwargs()
+        kwargs = self._sampling_kwargs(defaults)
         if self.best_of is not None and self.best_of != kwargs.get("n", 1):
             raise ParamError("best_of", "best_of is not supported (only best_of equal to n)")
         if self.max_tokens is not None:
@@ -335,12 +338,12 @@ class ChatCompletionRequest(_Generation):
             raise ParamError("messages", "messages must not be empty")
         return template_messages(self.messages)
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         self._check_common()
         unsupported = self._unsupported()
         if unsupported:
             raise ParamError(unsupported, f"{unsupported} is not supported by this server")
-        kwargs = self._sampling_kwargs()
+        kwargs = self._sampling_kwargs(defaults)
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         kwargs["max_tokens"] = limit  # None: up to the context, as OpenAI's chat default
         if self.top_logprobs and not self.logprobs:

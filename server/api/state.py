@@ -40,6 +40,11 @@ class EngineClient(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Sampling values for requests that omit them (the checkpoint's generation_config.json)."""
+        ...
+
+    @property
     def declares_chat(self) -> bool:
         """Whether the checkpoint is a chat model (`Tokenizer.declares_chat`), not a base model."""
         ...

@@ -93,6 +93,7 @@ class AsyncEngine:
         self.model_config = self.core.model_config
         self.max_model_len = self.core.max_model_len
         self.vocab_size = self.tokenizer.vocab_size
+        self.sampling_defaults = self.core.sampling_defaults
         self.declares_chat = self.tokenizer.declares_chat
         self.kv_capacity_tokens = self.core.kv_capacity_tokens
         self.num_parameters = self.core.num_parameters

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 SPECULATIVE_METHODS = ("ngram", "draft")
+GENERATION_CONFIGS = ("auto", "none")
 
 
 def knob(help: str, default: Any = None) -> Any:
@@ -26,6 +27,13 @@ class EngineConfig:
     quantization: str | None = knob(
         "weight-only quantization (CPU): int8 rows with a scale each, half bfloat16's bytes per step; "
         "activations stay in --dtype (default: none, the weights as stored)"
+    )
+    generation_config: str = knob(
+        "auto: the sampling values the checkpoint's generation_config.json recommends (temperature, "
+        "top_p, top_k, min_p, repetition_penalty) are the defaults of requests that omit them, and its "
+        "max_new_tokens caps every request's max_tokens, as vLLM does; none: the API's own defaults. "
+        "Its eos_token_id ends generation either way, as in transformers",
+        "auto",
     )
     max_model_len: int | None = knob("context length served (default: the model's)")
     kv_cache_tokens: int | None = knob("KV cache size in tokens (default: derived from --kv-cache-memory)")

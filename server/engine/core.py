@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from model.checkpoint import load_model
+from model.checkpoint import GENERATION_CONFIG_FILE, load_generation_config, load_model
 from model.quantization import check_quantization
 from model.tokenizer import Tokenizer
 from server.engine.config import EngineConfig
@@ -67,6 +67,26 @@ class LLMEngine:
                 f"{config.model}: tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                 f"{self.model_config.vocab_size}"
             )
+        generation = load_generation_config(config.model)
+        self.eos_ids = set(self.model_config.eos_token_ids) | set(generation.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        follow = config.generation_config == "auto"
+        self.sampling_defaults = generation.sampling if follow else {}
+        """What requests that omit them sample with (the checkpoint's recommendation), checked here."""
+        try:
+            SamplingParams(**self.sampling_defaults)
+        except ParamError as exc:
+            raise ValueError(f"{config.model / GENERATION_CONFIG_FILE}: {exc}") from None
+        self.max_new_tokens = generation.max_new_tokens if follow else None
+        """A cap on every request's max_tokens (vLLM's reading of generation_config's max_new_tokens)."""
+        cap = {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}
+        if recommended := {**self.sampling_defaults, **cap}:
+            log.info(
+                "start-up: %s recommends %s: requests that omit them get these (--generation-config none: "
+                "the API's defaults)",
+                GENERATION_CONFIG_FILE, ", ".join(f"{k}={v}" for k, v in recommended.items()),
+            )  # fmt: skip
         limit = self.model_config.max_position_embeddings
         self.max_model_len = config.max_model_len or limit
         if not 0 < self.max_model_len <= limit:
@@ -115,9 +135,6 @@ class LLMEngine:
             deterministic=config.deterministic,
             enforce_eager=config.enforce_eager,
         )
-        self.eos_ids = set(self.model_config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
         # Model vocabularies are often padded past the tokenizer's; those ids decode to nothing.
         padding = [b""] * (self.model_config.vocab_size - self.tokenizer.vocab_size)
         self.token_bytes = self.tokenizer.token_bytes + padding
@@ -150,7 +167,7 @@ class LLMEngine:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ParamError("prompt", f"prompt token id {bad} is outside the vocabulary (size {vocab})")
-        return max_tokens
+        return min(max_tokens, self.max_new_tokens or max_tokens)
 
     def add(self, request: Request) -> None:
         self.requests[id(request)] = request  # first: if anything below fails, fail_all still reaches it

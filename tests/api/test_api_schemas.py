@@ -28,8 +28,8 @@ def chat(**fields: Any) -> ChatCompletionRequest:
 
 
 def test_unset_fields_keep_sampling_defaults() -> None:
-    assert completion().sampling_params() == SamplingParams()
-    assert chat().sampling_params() == SamplingParams(max_tokens=None)  # chat: up to the context
+    assert completion().sampling_params({}) == SamplingParams()
+    assert chat().sampling_params({}) == SamplingParams(max_tokens=None)  # chat: up to the context
 
 
 def test_openai_and_extension_fields_reach_sampling_params() -> None:
@@ -38,7 +38,7 @@ def test_openai_and_extension_fields_reach_sampling_params() -> None:
         frequency_penalty=-0.2, logit_bias={"7": 3}, seed=11, logprobs=3, top_k=4, min_p=0.05,
         repetition_penalty=1.1, ignore_eos=True, stop_token_ids=[1, 2], min_tokens=1,
         skip_special_tokens=False, user="someone",
-    ).sampling_params()  # fmt: skip
+    ).sampling_params({})  # fmt: skip
     assert params == SamplingParams(
         n=2, max_tokens=5, temperature=0.5, top_p=0.9, stop=("a", "b"), presence_penalty=0.1,
         frequency_penalty=-0.2, logit_bias={7: 3.0}, seed=11, logprobs=3, top_k=4, min_p=0.05,
@@ -48,11 +48,11 @@ def test_openai_and_extension_fields_reach_sampling_params() -> None:
 
 
 def test_chat_token_limits_and_logprobs() -> None:
-    assert chat(max_tokens=9).sampling_params().max_tokens == 9
-    assert chat(max_tokens=9, max_completion_tokens=4).sampling_params().max_tokens == 4
-    assert chat(logprobs=True).sampling_params().logprobs == 0
-    assert chat(logprobs=True, top_logprobs=5).sampling_params().logprobs == 5
-    assert chat(logprobs=False).sampling_params().logprobs is None
+    assert chat(max_tokens=9).sampling_params({}).max_tokens == 9
+    assert chat(max_tokens=9, max_completion_tokens=4).sampling_params({}).max_tokens == 4
+    assert chat(logprobs=True).sampling_params({}).logprobs == 0
+    assert chat(logprobs=True, top_logprobs=5).sampling_params({}).logprobs == 5
+    assert chat(logprobs=False).sampling_params({}).logprobs is None
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_chat_token_limits_and_logprobs() -> None:
 )
 def test_completion_param_errors_name_the_field(request_fields: dict[str, Any], param: str) -> None:
     with pytest.raises(ParamError) as exc:
-        completion(**request_fields).sampling_params()
+        completion(**request_fields).sampling_params({})
     assert exc.value.param == param
 
 
@@ -87,14 +87,14 @@ def test_completion_param_errors_name_the_field(request_fields: dict[str, Any], 
 )
 def test_chat_param_errors_name_the_field(request_fields: dict[str, Any], param: str) -> None:
     with pytest.raises(ParamError) as exc:
-        chat(**request_fields).sampling_params()
+        chat(**request_fields).sampling_params({})
     assert exc.value.param == param
 
 
 def test_harmless_openai_fields_are_accepted() -> None:
     request = chat(user="u", store=False, metadata={"k": "v"}, service_tier="auto", parallel_tool_calls=True,
                    response_format={"type": "text"}, tool_choice="none", modalities=["text"])  # fmt: skip
-    assert request.sampling_params() == SamplingParams(max_tokens=None)
+    assert request.sampling_params({}) == SamplingParams(max_tokens=None)
 
 
 def test_structured_fields_become_one_constraint() -> None:
