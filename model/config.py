@@ -196,16 +196,13 @@ class ModelConfig:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
-        # transformers >= 5 writes rope settings as one `rope_parameters` dict.
+        # transformers >= 5 writes rope settings as one `rope_parameters` dict, whose theta wins.
         rope = data.get("rope_parameters")
         if isinstance(rope, dict):
-            kwargs.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if "rope_theta" in rope:
+                kwargs["rope_theta"] = rope["rope_theta"]
             if rope.get("rope_type", "default") != "default" and kwargs.get("rope_scaling") is None:
                 kwargs["rope_scaling"] = rope  # also over a leftover `"rope_scaling": null`
-        # A top-level original_max_position_embeddings wins over the rope dict's, as in transformers.
-        scaling, old_context = kwargs.get("rope_scaling"), data.get("original_max_position_embeddings")
-        if isinstance(scaling, dict) and old_context is not None:
-            kwargs["rope_scaling"] = {**scaling, "original_max_position_embeddings": old_context}
         dtype = kwargs.get("torch_dtype") or data.get("dtype") or "float32"
         kwargs["torch_dtype"] = str(dtype).removeprefix("torch.")
         try:

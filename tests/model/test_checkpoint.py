@@ -178,6 +178,8 @@ def test_transformers_config_keys_read_into_model_config(tmp_path: Path) -> None
     assert cfg.tie_word_embeddings and cfg.eos_token_ids == (2, 7) and cfg.dtype == torch.bfloat16
     # A leftover `"rope_scaling": null` next to rope_parameters must not drop the scaling.
     assert ModelConfig.from_hf_dict({**data, "rope_scaling": None}).rope_scaling == cfg.rope_scaling
+    # As in transformers 5, rope_parameters' theta wins over a top-level one.
+    assert ModelConfig.from_hf_dict({**data, "rope_theta": 1234.0}).rope_theta == 50000.0
 
 
 # ---------------------------------------------------------------------------------------------------
