@@ -197,6 +197,41 @@ def test_transformers_loads_it_as_is(tiny_checkpoint: Path, tok: Tokenizer) -> N
     assert rendered == tok.apply_chat_template(TOOL_TURNS, tools=TOOLS)
 
 
+@pytest.mark.parametrize(
+    ("flags", "processor"),
+    [
+        ({"add_bos_token": True}, None),
+        ({"add_bos_token": True, "add_eos_token": True}, None),
+        ({"add_eos_token": True}, "bos"),
+        ({"add_bos_token": False}, "bos"),
+        ({}, "bos"),
+    ],
+)
+def test_add_bos_and_eos_flags_encode_as_transformers_does(
+    tiny_checkpoint: Path, tmp_path: Path, flags: dict[str, bool], processor: str | None
+) -> None:
+    """What a prompt starts and ends with is tokenizer.json's post-processor alone: transformers (5)
+    loads a PreTrainedTokenizerFast config's add_bos_token and add_eos_token without acting on them."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    hf = HFTokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    if processor == "bos":
+        bos = hf.token_to_id(ENDOFTEXT)
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{ENDOFTEXT} $A", pair=f"{ENDOFTEXT} $A $B:1", special_tokens=[(ENDOFTEXT, bos)]
+        )
+    hf.save(str(tmp_path / "tokenizer.json"))
+    config = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("add_bos_token", "add_eos_token")}
+    config.update(flags, eos_token=IM_END)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = Tokenizer.load(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS:
+        assert ours.encode(text, add_special_tokens=True) == theirs.encode(text), text
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+
+
 def test_save_load_round_trip(tok: Tokenizer, tmp_path: Path) -> None:
     tok.save(tmp_path)
     again = Tokenizer.load(tmp_path)
