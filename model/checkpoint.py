@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from model.config import DTYPES, ConfigError, ModelConfig, is_token_id
+from model.config import DTYPES, ConfigError, ModelConfig, token_ids
 from model.transformer import Transformer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -69,10 +69,11 @@ def load_generation_config(directory: Path | str) -> GenerationConfig:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
-    eos = data.get("eos_token_id")
-    eos_ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(map(is_token_id, eos_ids)):
-        raise CheckpointError(f"{path}: eos_token_id must be a token id, a list of them or null, got {eos!r}")
+    eos_ids = token_ids(data.get("eos_token_id"))
+    if eos_ids is None:
+        raise CheckpointError(
+            f"{path}: eos_token_id must be a token id, a list of them or null, got {data['eos_token_id']!r}"
+        )
     sampling = {key: data[key] for key in SAMPLING_KEYS if data.get(key) is not None}
     for key, value in sampling.items():
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -65,9 +65,15 @@ def _check_number(name: str, value: Any, positive: bool) -> None:
         raise ConfigError(f"{name} must be positive, got {value!r}")
 
 
-def is_token_id(value: Any) -> bool:
+def _is_token_id(value: Any) -> bool:
     """A non-negative int as JSON gives it (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def token_ids(value: Any) -> list[int] | None:
+    """An `eos_token_id` as HF files write it (null, an id or a list of ids) as a list; None if invalid."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    return ids if all(map(_is_token_id, ids)) else None
 
 
 def _check_rope_scaling(scaling: Any, theta: float) -> None:
@@ -146,11 +152,12 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, self.rope_theta)
-        if not (self.bos_token_id is None or is_token_id(self.bos_token_id)):
+        if not (self.bos_token_id is None or _is_token_id(self.bos_token_id)):
             raise ConfigError(f"bos_token_id must be a token id or null, got {self.bos_token_id!r}")
-        eos = self.eos_token_id
-        if not (eos is None or is_token_id(eos) or (isinstance(eos, list) and all(map(is_token_id, eos)))):
-            raise ConfigError(f"eos_token_id must be a token id, a list of them or null, got {eos!r}")
+        if token_ids(self.eos_token_id) is None:
+            raise ConfigError(
+                f"eos_token_id must be a token id, a list of them or null, got {self.eos_token_id!r}"
+            )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
