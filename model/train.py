@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         hidden_size=384, layers=6, heads=6, kv_heads=2, intermediate_size=896, vocab_size=8192,
         max_position_embeddings=1024, rope_theta=10000.0, tie_embeddings=True, seq_len=512, batch_size=8,
-        grad_accum=2, lr=2e-3, min_lr=2e-4, warmup_steps=100, max_steps=None, time_budget="55m",
+        grad_accum=2, lr=2e-3, min_lr=2e-4, warmup_steps=100, max_steps=None, time_budget="120m",
         eval_interval=200, eval_batches=16, patience=8, dropout=0.0, val_fraction=0.05, compile=True,
     ),
     "shakespeare": dict(
