@@ -56,21 +56,36 @@ def greedy_tokens(client: httpx.Client, prompts: list[str], max_tokens: int) -> 
     return [c["logprobs"]["tokens"] for c in choices]
 
 
-def test_shipped_model_int8_agrees_with_bfloat16(start_server) -> None:
-    """At least 90% of 20 x 64 greedy tokens equal, position by position (the figure is printed)."""
-    bf16 = start_server("--dtype", "bfloat16", model=SHIPPED)
-    int8 = start_server("--dtype", "bfloat16", "--quantization", "int8", model=SHIPPED)
-    same = total = 0
-    with httpx.Client(base_url=bf16.url, timeout=120) as a, httpx.Client(base_url=int8.url, timeout=120) as b:
-        for want, got in zip(
-            greedy_tokens(a, CODE_PROMPTS, 64), greedy_tokens(b, CODE_PROMPTS, 64), strict=True
-        ):
-            assert len(want) == len(got) == 64
-            same += sum(x == y for x, y in zip(want, got, strict=True))
-            total += 64
-    print(f"\nint8 vs bfloat16 greedy agreement on the shipped model: {same}/{total} = {same / total:.1%}")
-    assert same / total >= 0.9
-    assert "int8 weights" in int8.log() and "bfloat16 weights" in bf16.log()
+def agreement(a: list[list[str]], b: list[list[str]]) -> float:
+    """The share of equal greedy tokens, position by position."""
+    pairs = [(x, y) for s, t in zip(a, b, strict=True) for x, y in zip(s, t, strict=True)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def test_shipped_model_int8_is_as_faithful_as_bfloat16(start_server) -> None:
+    """Against the float32 model's greedy tokens (20 prompts x 64), int8 weights with bfloat16
+    activations agree at least as well as bfloat16 itself does, less 5 points (the figures are printed).
+
+    Not int8 against bfloat16 directly: on the shipped weights bfloat16's own rounding already moves
+    greedy tokens off float32's (87% agree), so the two half-precision paths differ by both noises.
+    """
+    servers = [
+        start_server("--dtype", "float32", model=SHIPPED),
+        start_server("--dtype", "bfloat16", model=SHIPPED),
+        start_server("--dtype", "bfloat16", "--quantization", "int8", model=SHIPPED),
+    ]
+    runs = []
+    for server in servers:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            runs.append(greedy_tokens(client, CODE_PROMPTS, 64))
+    full, bf16, int8 = runs
+    assert all(len(tokens) == 64 for run in runs for tokens in run)
+    print(
+        f"\nshipped model, greedy agreement with float32: bfloat16 {agreement(full, bf16):.1%}, "
+        f"int8 {agreement(full, int8):.1%}; int8 with bfloat16 {agreement(bf16, int8):.1%}"
+    )
+    assert agreement(full, int8) >= agreement(full, bf16) - 0.05
+    assert "int8 weights" in servers[2].log() and "bfloat16 weights" in servers[1].log()
 
 
 def test_int8_seeded_sampling_repeats_through_the_server(start_server) -> None:
