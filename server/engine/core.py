@@ -77,7 +77,10 @@ class LLMEngine:
         try:
             SamplingParams(**self.sampling_defaults)
         except ParamError as exc:
-            raise ValueError(f"{config.model / GENERATION_CONFIG_FILE}: {exc}") from None
+            raise ValueError(
+                f"{config.model / GENERATION_CONFIG_FILE}: {exc} (--generation-config none serves the "
+                "model without its recommended sampling values)"
+            ) from None
         self.max_new_tokens = generation.max_new_tokens if follow else None
         """A cap on every request's max_tokens (vLLM's reading of generation_config's max_new_tokens)."""
         cap = {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}

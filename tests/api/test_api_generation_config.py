@@ -116,7 +116,7 @@ def test_recommended_sampling_and_max_new_tokens_are_request_defaults(
     ("content", "words"),
     [
         ("{not json", ["generation_config.json", "JSON"]),
-        (json.dumps({"temperature": 5.0}), ["generation_config.json", "temperature"]),
+        (json.dumps({"temperature": 5.0}), ["generation_config.json", "temperature", "config none"]),
         (json.dumps({"top_p": "0.9"}), ["generation_config.json", "top_p", "'0.9'"]),
         (json.dumps({"eos_token_id": ["2"]}), ["generation_config.json", "eos_token_id"]),
         (json.dumps({"max_new_tokens": 0}), ["generation_config.json", "max_new_tokens"]),
