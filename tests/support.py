@@ -15,11 +15,12 @@ from bench.harness import ROOT
 
 
 def wait_idle(client: httpx.Client, timeout: float = 10.0) -> dict[str, Any]:
-    """Poll /stats until nothing runs or waits and no KV is held (or `timeout`); return the last stats."""
+    """Poll /stats until no request is in flight (admitted and unfinished: the engine's own figures lag
+    admission by a step), nothing runs or waits and no KV is held (or `timeout`); return the last stats."""
     deadline = time.monotonic() + timeout
     while True:
         stats = client.get("/stats").json()
-        if (stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0):
+        if (stats["in_flight"], stats["running"], stats["waiting"], stats["kv_used_tokens"]) == (0, 0, 0, 0):
             return stats
         if time.monotonic() > deadline:
             return stats

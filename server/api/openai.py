@@ -242,6 +242,7 @@ async def stats(request: Request) -> dict[str, Any]:
     return {
         "running": s.running,
         "waiting": s.waiting,
+        "in_flight": state.engine.in_flight,
         "kv_total_tokens": s.kv_total_tokens,
         "kv_used_tokens": s.kv_used_tokens,
         "kv_usage": s.kv_usage,

@@ -94,6 +94,11 @@ class EngineClient(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished or aborted (what admission counts)."""
+        ...
+
 
 @dataclass
 class ServerState:

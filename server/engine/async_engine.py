@@ -235,6 +235,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished or aborted, those the engine thread has not picked up
+        included: what `--max-num-seqs` plus `--max-waiting` bounds (`stats()` lags it by a step)."""
+        return self._active
+
     # -- the engine thread ---------------------------------------------------------------------
 
     def _post(self, message: tuple[str, Any]) -> None:
