@@ -11,11 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM
 
 from bench.harness import free_port
 from model.tokenizer import Tokenizer
-from tests.model.model_helpers import randomize_
+from tests.model.model_helpers import save_hf_checkpoint
 from tests.support import assert_one_line_error, run_server
 
 PROMPT = [5, 17, 99, 250, 31, 7]
@@ -25,8 +25,10 @@ STEPS = 24
 @pytest.fixture(scope="module")
 def hf_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """transformers' own save of a random model (config.json names no eos), with the tiny tokenizer."""
-    directory = tmp_path_factory.mktemp("hf-generation") / "model"
-    config = LlamaConfig(
+    return save_hf_checkpoint(
+        tmp_path_factory.mktemp("hf-generation") / "model",
+        tiny_checkpoint,
+        seed=11,
         vocab_size=512,
         hidden_size=64,
         intermediate_size=96,
@@ -34,16 +36,7 @@ def hf_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
-    model = LlamaForCausalLM(config).eval()
-    randomize_(model, seed=11)
-    model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(tiny_checkpoint / name, directory / name)
-    return directory
 
 
 def with_generation_config(source: Path, destination: Path, **values: object) -> Path:

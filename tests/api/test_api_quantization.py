@@ -4,18 +4,17 @@ transformers computes with the same (de-quantized) weights."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from bench.harness import ROOT
 from model.quantization import dequantize_rows, quantize_rows
 from model.tokenizer import Tokenizer
-from tests.model.model_helpers import randomize_
+from tests.model.model_helpers import save_hf_checkpoint
 
 SHIPPED = ROOT / "weights" / "default"
 CODE_PROMPTS = [
@@ -100,8 +99,10 @@ def test_int8_seeded_sampling_repeats_through_the_server(start_server) -> None:
 @pytest.fixture(scope="module")
 def awkward_hf_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """transformers' own save: hidden 72 (not a multiple of 64), GQA 6:2, tied embeddings, vocab 512."""
-    directory = tmp_path_factory.mktemp("hf-awkward")
-    config = LlamaConfig(
+    return save_hf_checkpoint(
+        tmp_path_factory.mktemp("hf-awkward"),
+        tiny_checkpoint,
+        seed=3,
         vocab_size=512,
         hidden_size=72,
         intermediate_size=100,
@@ -110,17 +111,7 @@ def awkward_hf_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPa
         num_key_value_heads=2,
         tie_word_embeddings=True,
         max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
     )
-    model = LlamaForCausalLM(config).eval()
-    randomize_(model, seed=3)
-    model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_checkpoint / name).exists():
-            shutil.copy(tiny_checkpoint / name, directory / name)
-    return directory
 
 
 def test_transformers_checkpoint_serves_int8_as_transformers_computes_it(

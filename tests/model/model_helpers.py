@@ -3,11 +3,15 @@ tensor visible."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +40,16 @@ def randomize_(module: nn.Module, seed: int) -> None:
             else:
                 value = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
             p.copy_(value.to(p.dtype))
+
+
+def save_hf_checkpoint(directory: Path, tokenizer_from: Path, seed: int, **config: Any) -> Path:
+    """transformers' own save of a random Llama (`config` over no bos/eos/pad ids), with the tokenizer
+    files of `tokenizer_from`: a checkpoint the server loads as a user's would."""
+    ids: dict[str, Any] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    model = LlamaForCausalLM(LlamaConfig(**{**ids, **config})).eval()
+    randomize_(model, seed=seed)
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, directory / name)
+    return directory
