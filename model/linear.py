@@ -1,8 +1,11 @@
-"""`tinyserve::linear`: the serving model's projections, as an op our CPU kernel can serve.
+"""The serving model's projections, as ops our CPU kernels can serve (`model/csrc/small_linear.cpp`).
 
-On the CPU, `model/csrc/small_linear.cpp` streams the weight once for a few rows (the decode step),
-reading bfloat16 weights without bfloat16 arithmetic; larger batches go to at::linear. Elsewhere the
-op is `F.linear`. Training never uses it (it has no backward).
+- `tinyserve::packed_linear`: on a CPU with bfloat16 dot products (AVX512-BF16; AMX CPUs have it too),
+  bfloat16 weights are packed once, at load, into the layout that instruction wants
+  (`tinyserve::pack_linear`), and every product, decode step or prefill chunk, runs on them.
+- `tinyserve::linear` otherwise: the weight streamed once for a few rows (the decode step), read as
+  stored (bfloat16 without bfloat16 arithmetic too); larger batches go to at::linear.
+Elsewhere both ops are `F.linear`. Training never uses them (they have no backward).
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 torch.library.define("tinyserve::linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+torch.library.define("tinyserve::pack_linear", "(Tensor weight) -> Tensor")
+torch.library.define(
+    "tinyserve::packed_linear", "(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor"
+)
 
 
 @torch.library.impl("tinyserve::linear", "CompositeExplicitAutograd")
@@ -24,13 +31,41 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.impl("tinyserve::pack_linear", "CompositeExplicitAutograd")
+def _no_packing(weight: Tensor) -> Tensor:
+    """Only the CPU kernel has a packed layout; elsewhere nothing is packed."""
+    return weight.new_empty(0)
+
+
+def unpack(packed: Tensor, out_features: int) -> Tensor:
+    """The [out_features, in_features] weight back from the kernel's layout ([groups][in / 2][group][2])."""
+    groups, pairs, group, _ = packed.shape
+    return packed.permute(0, 2, 1, 3).reshape(groups * group, 2 * pairs)[:out_features]
+
+
+@torch.library.impl("tinyserve::packed_linear", "CompositeExplicitAutograd")
+def _packed_plain_body(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    return F.linear(x, unpack(packed, out_features), bias)
+
+
+@torch.library.register_fake("tinyserve::packed_linear")
+def _(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 class ServingLinear(nn.Module):
-    """An inference-only Linear that runs `tinyserve::linear` on the same (possibly tied) weight."""
+    """An inference-only Linear: on the kernel's packed copy of the weight where it has one (the
+    original is then dropped, unless a tied embedding still holds it), else on the same weight."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight = linear.weight
+        self.out_features = linear.out_features
         self.bias = linear.bias
+        packed = torch.ops.tinyserve.pack_linear(linear.weight.detach())
+        self.packed = nn.Parameter(packed, requires_grad=False) if packed.numel() else None
+        self.weight = None if self.packed is not None else linear.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.ops.tinyserve.packed_linear(x, self.packed, self.bias, self.out_features)
         return torch.ops.tinyserve.linear(x, self.weight, self.bias)

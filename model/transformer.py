@@ -334,12 +334,19 @@ class Transformer(nn.Module):
             slots += [(block.mlp, "gate_up_proj"), (block.mlp, "down_proj")]
         return [*slots, (self, "lm_head")]
 
-    def use_serving_linears(self) -> None:
-        """Serving only: every float projection and the LM head run `tinyserve::linear` (model/linear.py)."""
+    def use_serving_linears(self) -> bool:
+        """Serving only: every float projection and the LM head run our kernels' ops (model/linear.py).
+
+        Returns whether they run on weights packed for the CPU's bfloat16 dot products.
+        """
+        packed = False
         for owner, name in self._projections():
             layer = getattr(owner, name)
             if isinstance(layer, nn.Linear):
-                setattr(owner, name, ServingLinear(layer))
+                serving = ServingLinear(layer)
+                setattr(owner, name, serving)
+                packed |= serving.packed is not None
+        return packed
 
     def quantize_int8(self) -> None:
         """Serving only: every linear layer's weight becomes int8 rows with a scale each.

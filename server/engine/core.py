@@ -58,9 +58,6 @@ class LLMEngine:
         self.num_parameters = sum(p.numel() for p in self.model.parameters())  # before quantizing
         if config.quantization is not None:
             self.model.quantize_int8()
-        self.weights = f"{config.quantization or str(self.dtype).removeprefix('torch.')} weights, " + (
-            f"{self.model.weight_bytes() / 1e6:.1f} MB"
-        )
         self.tokenizer = Tokenizer.load(config.model)
         if self.tokenizer.vocab_size > self.model_config.vocab_size:
             raise ValueError(
@@ -137,6 +134,10 @@ class LLMEngine:
             device=self.device,
             deterministic=config.deterministic,
             enforce_eager=config.enforce_eager,
+        )
+        # As served: the runner may have repacked them for its kernels (a tied LM head gets its own copy).
+        self.weights = f"{config.quantization or str(self.dtype).removeprefix('torch.')} weights, " + (
+            f"{self.model.weight_bytes() / 1e6:.1f} MB"
         )
         # Model vocabularies are often padded past the tokenizer's; those ids decode to nothing.
         padding = [b""] * (self.model_config.vocab_size - self.tokenizer.vocab_size)

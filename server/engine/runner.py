@@ -91,8 +91,7 @@ class ModelRunner:
         self.device = device
         self.deterministic = deterministic
         self.dtype = model.dtype
-        if device.type == "cpu" and load_cpu_kernels():
-            model.use_serving_linears()
+        self.packed_weights = device.type == "cpu" and load_cpu_kernels() and model.use_serving_linears()
         self.buckets = decode_buckets(max_num_seqs, one_row=device.type != "cuda")
         self.fast_path = not (enforce_eager or deterministic)
         self.input_batch = InputBatch(
@@ -105,10 +104,11 @@ class ModelRunner:
     @property
     def path(self) -> str:
         """What runs a decode step, for the start-up line."""
+        packed = ", projections on packed bfloat16 weights" if self.packed_weights else ""
         if not self.fast_path:
-            return "eager" + (" (deterministic)" if self.deterministic else "")
+            return "eager" + (" (deterministic)" if self.deterministic else "") + packed
         graphs = "CUDA graphs" if self.device.type == "cuda" else "inductor"
-        return f"compiled decode ({graphs}, buckets {','.join(map(str, self.buckets))})"
+        return f"compiled decode ({graphs}, buckets {','.join(map(str, self.buckets))}){packed}"
 
     def _compile(self, fn: types.MethodType) -> Callable[..., tuple[Tensor, Tensor]]:
         # Dynamo keeps graphs per code object and, on every call, finds one by evaluating its guards:

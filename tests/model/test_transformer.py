@@ -21,9 +21,10 @@ from transformers.activations import ACT2FN
 
 from model.activations import ACTIVATIONS
 from model.checkpoint import load_model
+from model.compute import native_bfloat16
 from model.config import ModelConfig
 from model.kernels import load_cpu_kernels
-from model.linear import ServingLinear
+from model.linear import ServingLinear, unpack
 from model.quantization import quantize_rows
 from model.transformer import AttentionGroup, CacheBatch, KVCache, Transformer
 from tests.model.model_helpers import one_thread, randomize_  # noqa: F401 (fixture)
@@ -505,13 +506,14 @@ def test_logits_indices_select_rows() -> None:
     assert_close(picked, full[[9, 3]], 1e-4, "logits_indices")
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 64, 65])  # 65: past the kernel, at::linear serves
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 9, 64, 65])  # 65: past the row-by-row walk (at::linear)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("in_features", "out_features", "bias"), [(48, 71, False), (53, 64, True)])
 def test_serving_linear_equals_f_linear(
     rows: int, dtype: torch.dtype, in_features: int, out_features: int, bias: bool
 ) -> None:
-    """71 outputs: the kernel's last two-row unit is partial; 53 inputs: a partial 16-block."""
+    """71 outputs: the walk's last two-row unit and the packed layout's last group are partial; 53 inputs:
+    a partial 16-block (and an odd count, which the packed layout does not take)."""
     load_cpu_kernels()  # without a compiler the op's plain body serves, and this still holds
     gen = torch.Generator().manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
@@ -525,43 +527,68 @@ def test_serving_linear_equals_f_linear(
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "bfloat16-packed", "int8"])
 def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: str) -> None:
-    """A decode row's projection is bit for bit the same alone, in any batch the kernel serves, and
-    with any number of threads: what shares a step cannot change a sequence's tokens."""
+    """A row's projection is bit for bit the same alone, in any batch the kernel serves, and with any
+    number of threads: what shares a step cannot change a sequence's tokens. The packed layout serves
+    prefill chunks too, so its rows agree at every count."""
     if not load_cpu_kernels():
         pytest.skip("the CPU kernels could not be built here")
     gen = torch.Generator().manual_seed(0)
     dtype = torch.float32 if weights == "float32" else torch.bfloat16
     # 232 features: 16-blocks, 64-blocks, a 32-block (the bfloat16 dot-product path's) and a tail.
     # 1,031 outputs: a summation order that differs by tile flips a few of 66k bfloat16 roundings (at
-    # 131 outputs, such a change to the bfloat16 path went unseen).
+    # 131 outputs, such a change to the bfloat16 path went unseen); the last packed group is partial.
     weight = torch.randn(1031, 232, generator=gen)
-    x = torch.randn(64, 232, generator=gen).to(dtype)
+    x = torch.randn(300, 232, generator=gen).to(dtype)
+    counts = (2, 5, 8, 33, 64)
     if weights == "int8":
         qweight, scales = quantize_rows(weight)
         project = lambda rows: torch.ops.tinyserve.linear_int8(rows, qweight, scales, None)  # noqa: E731
+    elif weights == "bfloat16-packed":
+        packed = torch.ops.tinyserve.pack_linear(weight.bfloat16())
+        if not packed.numel():
+            pytest.skip("this CPU has no bfloat16 dot products (AVX512-BF16): nothing is packed")
+        project = lambda rows: torch.ops.tinyserve.packed_linear(rows, packed, None, 1031)  # noqa: E731
+        counts += (65, 300)
     else:
         project = lambda rows: torch.ops.tinyserve.linear(rows, weight.to(dtype), None)  # noqa: E731
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([project(x[i : i + 1]) for i in range(64)])
+        alone = torch.cat([project(x[i : i + 1]) for i in range(max(counts))])
         torch.set_num_threads(2)
-        for rows in (2, 5, 8, 33, 64):
+        for rows in counts:
             assert torch.equal(project(x[:rows]), alone[:rows]), rows
     finally:
         torch.set_num_threads(threads)
 
 
-def test_serving_linears_keep_logits_and_a_zero_row_step() -> None:
-    model = make_model("gqa")
+def test_serving_linear_packs_bfloat16_weights_where_the_cpu_has_bfloat16_dot_products() -> None:
+    """The packed copy replaces the weight (no second copy is kept) and unpacks to it exactly."""
+    if not (load_cpu_kernels() and native_bfloat16(torch.device("cpu"))):
+        pytest.skip("needs the CPU kernels and a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX)")
+    linear = nn.Linear(96, 130).to(torch.bfloat16)
+    serving = ServingLinear(linear)
+    assert serving.weight is None and serving.packed is not None
+    assert torch.equal(unpack(serving.packed, 130), linear.weight)
+    odd = ServingLinear(nn.Linear(53, 8).to(torch.bfloat16))  # an odd feature count: the row walk serves
+    assert odd.packed is None and odd.weight is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_serving_linears_keep_logits_and_a_zero_row_step(dtype: torch.dtype) -> None:
+    """In bfloat16 the LM head may run on a packed copy of a tied embedding, which still embeds; the
+    projections' biases are added."""
+    model = make_model("mha_bias").to(dtype)
+    assert model.config.tie_word_embeddings
     serving = copy.deepcopy(model)
     load_cpu_kernels()
     serving.use_serving_linears()
-    assert serving.lm_head.weight is serving.embed_tokens.weight or not model.config.tie_word_embeddings
+    assert torch.equal(serving.embed_tokens.weight, model.embed_tokens.weight)
     tokens = torch.randint(0, model.config.vocab_size, (2, 17))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     with torch.no_grad():
-        assert torch.allclose(model(tokens), serving(tokens), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(model(tokens).float(), serving(tokens).float(), atol=tol, rtol=tol)
         # A serving step that only advances a prefill chunk asks for logits of no row at all.
         assert serving(tokens, logits_indices=tokens[:0, 0]).shape == (0, 17, model.config.vocab_size)
