@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -173,6 +174,147 @@ inline void block_values(const float* p, const float* values, int64_t n, int64_t
       for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] += p[g * stride + j] * values[j * dim + d];
 }
 
+#ifdef __AVX512BF16__
+// The same attention for a bfloat16 cache on a CPU with bfloat16 dot products, head_dim a multiple of 32.
+// Scores come sixteen keys at a time: each key's dot product with a query head is one instruction per 32
+// features (nothing widened), and the sixteen sums are reduced together into one vector of scores, on
+// which the softmax then runs sixteen lanes wide. Values are widened once per key and added into the
+// accumulators of up to four query heads held in registers.
+
+// exp_nonpositive, sixteen lanes at a time (same constants, same NaN rule).
+inline __m512 exp16(__m512 x) {
+  __m512 v = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // NaN in the second operand is returned
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), v));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, v), v, _mm512_add_ps(v, _mm512_set1_ps(1.0f)));
+  const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(pow2));
+}
+
+// Lane j of the result: the sum of v[j]'s sixteen lanes.
+inline __m512 sum16(const __m512* v) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xDD));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, 0x88), _mm512_shuffle_f32x4(y0, y1, 0xDD));
+}
+
+inline __m512 widen16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// acc[g][d0 .. d0 + 16 D) += sum_j p[g][j] * values[j][d0 ..] for G query heads: the accumulators stay in
+// registers over the n keys, each value widened once for all G heads.
+template <int G, int D>
+inline void add_values(const float* p, const c10::BFloat16* const* vrows, int64_t n, int64_t d0, float* acc,
+                       int64_t dim) {
+  __m512 a[G][D];
+  for (int g = 0; g < G; ++g)
+    for (int t = 0; t < D; ++t) a[g][t] = _mm512_loadu_ps(acc + g * dim + d0 + 16 * t);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 v[D];
+    for (int t = 0; t < D; ++t) v[t] = widen16(vrows[j] + d0 + 16 * t);
+    for (int g = 0; g < G; ++g) {
+      const __m512 pj = _mm512_set1_ps(p[g * 16 + j]);
+      for (int t = 0; t < D; ++t) a[g][t] = _mm512_fmadd_ps(pj, v[t], a[g][t]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int t = 0; t < D; ++t) _mm512_storeu_ps(acc + g * dim + d0 + 16 * t, a[g][t]);
+}
+
+template <int G>
+inline void add_values_heads(const float* p, const c10::BFloat16* const* vrows, int64_t n, float* acc,
+                             int64_t dim) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= dim; d0 += 64) add_values<G, 4>(p, vrows, n, d0, acc, dim);
+  if (d0 < dim) add_values<G, 2>(p, vrows, n, d0, acc, dim);  // dim is a multiple of 32
+}
+
+// One task (a row's kv head over positions [lo, hi)): its group's running max m, sum l and weighted
+// values acc, as the general loop computes them.
+void attend_bf16(const c10::BFloat16* qrow, const c10::BFloat16* kp, const c10::BFloat16* vp, const int32_t* table,
+                 int64_t lo, int64_t hi, int64_t block_size, int64_t cache_stride, int64_t head_offset,
+                 int64_t group, int64_t dim, float scale, float* m, float* l, float* acc) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t chunks = dim / 32;
+  const c10::BFloat16* krows[16];
+  const c10::BFloat16* vrows[16];
+  alignas(64) float probs[8 * 16];
+  for (int64_t start = lo; start < hi;) {
+    // Up to sixteen keys that share a block.
+    const int64_t in_block = start % block_size;
+    const int64_t n = std::min<int64_t>({16, hi - start, block_size - in_block});
+    const int64_t first = static_cast<int64_t>(table[start / block_size]) * block_size + in_block;
+    // Lanes past a short run of keys repeat its first (and are masked): the sixteen sums stay in registers.
+    for (int64_t j = 0; j < 16; ++j) {
+      const int64_t slot = first + (j < n ? j : 0);
+      krows[j] = kp + slot * cache_stride + head_offset;
+      vrows[j] = vp + slot * cache_stride + head_offset;
+    }
+    if (const int64_t next = start + n; next < hi) {
+      const int64_t slot = static_cast<int64_t>(table[next / block_size]) * block_size + next % block_size;
+      prefetch_block(kp, vp, slot, std::min<int64_t>({16, hi - next, block_size - next % block_size}),
+                     cache_stride, head_offset, dim);
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t g0 = 0; g0 < group; g0 += 8) {
+      const int64_t heads = std::min<int64_t>(8, group - g0);
+      for (int64_t gi = 0; gi < heads; ++gi) {
+        const int64_t g = g0 + gi;
+        const c10::BFloat16* qg = qrow + g * dim;
+        __m512 part[16];
+        for (int j = 0; j < 16; ++j) part[j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __m512bh qc = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
+          for (int j = 0; j < 16; ++j)
+            part[j] = _mm512_dpbf16_ps(part[j], qc, (__m512bh)_mm512_loadu_si512(krows[j] + 32 * c));
+        }
+        __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(neg_inf),
+                                         _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale)));
+        // The running maximum is NaN once any score is (see exp_nonpositive).
+        const bool nan = _mm512_mask_cmp_ps_mask(valid, sc, sc, _CMP_UNORD_Q) != 0 || std::isnan(m[g]);
+        const float best = nan ? std::numeric_limits<float>::quiet_NaN()
+                               : std::max(m[g], _mm512_reduce_max_ps(sc));
+        const float alpha = std::exp(m[g] - best);  // exp(-inf) = 0 on the first keys
+        const __m512 pr = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(best))));
+        _mm512_store_ps(probs + gi * 16, pr);
+        l[g] = l[g] * alpha + _mm512_reduce_add_ps(pr);
+        m[g] = best;
+        float* ag = acc + g * dim;
+        const __m512 al = _mm512_set1_ps(alpha);
+        for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(ag + d, _mm512_mul_ps(al, _mm512_loadu_ps(ag + d)));
+      }
+      for (int64_t gi = 0; gi < heads; gi += 4) {
+        float* ag = acc + (g0 + gi) * dim;
+        const float* pg = probs + gi * 16;
+        switch (std::min<int64_t>(4, heads - gi)) {
+          case 4: add_values_heads<4>(pg, vrows, n, ag, dim); break;
+          case 3: add_values_heads<3>(pg, vrows, n, ag, dim); break;
+          case 2: add_values_heads<2>(pg, vrows, n, ag, dim); break;
+          default: add_values_heads<1>(pg, vrows, n, ag, dim); break;
+        }
+      }
+    }
+    start += n;
+  }
+}
+#endif
+
 constexpr int64_t kSplitTokens = 512;  // context span per task: long rows are split over threads
 
 template <typename T>
@@ -209,39 +351,51 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         for (int64_t g = 0; g < group; ++g) res[g * part] = neg_inf, res[g * part + 1] = 0.0f;
         continue;
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = load(qp, (r * heads + h * group + g) * dim + d) * scale;
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), 0.0f);
-      for (int64_t start = lo; start < hi; start += block_size) {
-        const int64_t block = tables[r * width + start / block_size];
-        const int64_t n = std::min(block_size, hi - start);
-        const int64_t first = block * block_size + start % block_size;
-        if (start + block_size < hi) prefetch_block(kp, vp, tables[r * width + start / block_size + 1] * block_size,
-                                                    std::min(block_size, hi - start - block_size), cache_stride,
-                                                    h * head_stride, dim);
-        // The block's keys and values, widened once for every query head of the group.
-        for (int64_t j = 0; j < n; ++j) {
-          widen_row(kp + (first + j) * cache_stride + h * head_stride, keys.data() + j * dim, dim);
-          widen_row(vp + (first + j) * cache_stride + h * head_stride, values.data() + j * dim, dim);
+      bool done = false;
+#ifdef __AVX512BF16__
+      if constexpr (std::is_same_v<T, c10::BFloat16>)
+        if (dim % 32 == 0) {
+          attend_bf16(qp + (r * heads + h * group) * dim, kp, vp, tables + r * width, lo, hi, block_size,
+                      cache_stride, h * head_stride, group, dim, static_cast<float>(scale), m.data(), l.data(),
+                      acc.data());
+          done = true;
         }
-        block_scores(qf.data(), keys.data(), n, group, dim, scores.data(), block_size);
-        for (int64_t g = 0; g < group; ++g) {
-          float* sg = scores.data() + g * block_size;
-          float best = m[g];  // NaN once any score is NaN (std::max would drop it): see exp_nonpositive
-          for (int64_t j = 0; j < n; ++j) best = std::isnan(sg[j]) || sg[j] > best ? sg[j] : best;
-          const float alpha = std::exp(m[g] - best);  // exp(-inf) = 0 on the first block
-          for (int64_t j = 0; j < n; ++j) sg[j] -= best;
-          exp_nonpositive(sg, n);
-          float sum = l[g] * alpha;
-          for (int64_t j = 0; j < n; ++j) sum += sg[j];
-          float* ag = acc.data() + g * dim;
-          for (int64_t d = 0; d < dim; ++d) ag[d] *= alpha;
-          m[g] = best;
-          l[g] = sum;
+#endif
+      if (!done) {
+        for (int64_t g = 0; g < group; ++g)
+          for (int64_t d = 0; d < dim; ++d) qf[g * dim + d] = load(qp, (r * heads + h * group + g) * dim + d) * scale;
+        for (int64_t start = lo; start < hi; start += block_size) {
+          const int64_t block = tables[r * width + start / block_size];
+          const int64_t n = std::min(block_size, hi - start);
+          const int64_t first = block * block_size + start % block_size;
+          if (start + block_size < hi) prefetch_block(kp, vp, tables[r * width + start / block_size + 1] * block_size,
+                                                      std::min(block_size, hi - start - block_size), cache_stride,
+                                                      h * head_stride, dim);
+          // The block's keys and values, widened once for every query head of the group.
+          for (int64_t j = 0; j < n; ++j) {
+            widen_row(kp + (first + j) * cache_stride + h * head_stride, keys.data() + j * dim, dim);
+            widen_row(vp + (first + j) * cache_stride + h * head_stride, values.data() + j * dim, dim);
+          }
+          block_scores(qf.data(), keys.data(), n, group, dim, scores.data(), block_size);
+          for (int64_t g = 0; g < group; ++g) {
+            float* sg = scores.data() + g * block_size;
+            float best = m[g];  // NaN once any score is NaN (std::max would drop it): see exp_nonpositive
+            for (int64_t j = 0; j < n; ++j) best = std::isnan(sg[j]) || sg[j] > best ? sg[j] : best;
+            const float alpha = std::exp(m[g] - best);  // exp(-inf) = 0 on the first block
+            for (int64_t j = 0; j < n; ++j) sg[j] -= best;
+            exp_nonpositive(sg, n);
+            float sum = l[g] * alpha;
+            for (int64_t j = 0; j < n; ++j) sum += sg[j];
+            float* ag = acc.data() + g * dim;
+            for (int64_t d = 0; d < dim; ++d) ag[d] *= alpha;
+            m[g] = best;
+            l[g] = sum;
+          }
+          block_values(scores.data(), values.data(), n, group, dim, acc.data(), block_size);
         }
-        block_values(scores.data(), values.data(), n, group, dim, acc.data(), block_size);
       }
       for (int64_t g = 0; g < group; ++g) {
         res[g * part] = m[g];
