@@ -1,8 +1,9 @@
 """The serving model's projections, as ops our CPU kernels can serve (`model/csrc/small_linear.cpp`).
 
-- `tinyserve::packed_linear`: on a CPU with bfloat16 dot products (AVX512-BF16; AMX CPUs have it too),
-  bfloat16 weights are packed once, at load, into the layout that instruction wants
-  (`tinyserve::pack_linear`), and every product, decode step or prefill chunk, runs on them.
+- `tinyserve::packed_linear`: on a CPU with AVX-512, float32 weights, and bfloat16 ones where it also
+  multiplies bfloat16 (AVX512-BF16; AMX CPUs have it too), are packed once, at load, into the layout its
+  multiply-add instructions want (`tinyserve::pack_linear`), and every product, decode step or prefill
+  chunk, runs on them.
 - `tinyserve::linear` otherwise: the weight streamed once for a few rows (the decode step), read as
   stored (bfloat16 without bfloat16 arithmetic too); larger batches go to at::linear.
 Elsewhere both ops are `F.linear`. Training never uses them (they have no backward).
@@ -38,9 +39,10 @@ def _no_packing(weight: Tensor) -> Tensor:
 
 
 def unpack(packed: Tensor, out_features: int) -> Tensor:
-    """The [out_features, in_features] weight back from the kernel's layout ([groups][in / 2][group][2])."""
-    groups, pairs, group, _ = packed.shape
-    return packed.permute(0, 2, 1, 3).reshape(groups * group, 2 * pairs)[:out_features]
+    """The [out_features, in_features] weight back from the kernel's layout: [groups][in / step][group][step]
+    (a step is one feature of a float32 weight, a pair of a bfloat16 one)."""
+    groups, steps, group, step = packed.shape
+    return packed.permute(0, 2, 1, 3).reshape(groups * group, steps * step)[:out_features]
 
 
 @torch.library.impl("tinyserve::packed_linear", "CompositeExplicitAutograd")

@@ -337,7 +337,7 @@ class Transformer(nn.Module):
     def use_serving_linears(self) -> bool:
         """Serving only: every float projection and the LM head run our kernels' ops (model/linear.py).
 
-        Returns whether they run on weights packed for the CPU's bfloat16 dot products.
+        Returns whether they run on weights packed for the CPU's AVX-512 instructions.
         """
         packed = False
         for owner, name in self._projections():

@@ -316,23 +316,30 @@ at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& qweight, con
   return y.to(x.scalar_type()).view(shape);
 }
 
-#ifdef __AVX512BF16__
-// bfloat16 weights packed for the CPU's bfloat16 dot products (`pack_linear`): the weight rows in groups
-// of kGroup outputs; for each pair of input features, a group's kGroup outputs' two weights side by side
-// ([groups][k / 2][kGroup][2]). One instruction then multiplies an input pair, broadcast, with sixteen
+#ifdef __AVX512F__
+// Weights packed for AVX-512 (`pack_linear`): the weight rows in groups of kGroup outputs; for each step
+// of the input features, a group's kGroup outputs' weights side by side: [groups][k / e][kGroup][e], where
+// a step is e = 1 feature for float32 weights and e = 2 for bfloat16 ones (the pair a bfloat16 dot-product
+// instruction takes). One instruction then multiplies a step of an input row, broadcast, with sixteen
 // outputs' weights and adds to their sixteen sums: no horizontal sums, and four input rows share each
 // weight load (the row-by-row walk above loads a weight per product and reduces every output across
-// lanes: 1.7-2.6x slower from four rows on).
+// lanes: bfloat16, 1.7-3.2x slower from four rows on). bfloat16 weights are packed only where the CPU
+// has bfloat16 dot products (AVX512-BF16).
 constexpr int64_t kGroup = 64;
 
+template <typename T>
+constexpr int64_t kStep = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+
 at::Tensor pack_linear(const at::Tensor& weight) {
-  const bool packable = weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.size(1) % 2 == 0 &&
-                        weight.size(0) > 0 && weight.size(1) > 0;
+  const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  const int64_t step = bf16 ? 2 : 1;
+  const bool packable = (weight.scalar_type() == at::kFloat || (bf16 && kNativeBf16)) && weight.dim() == 2 &&
+                        weight.size(0) > 0 && weight.size(1) > 0 && weight.size(1) % step == 0;
   if (!packable) return at::empty({0}, weight.options());
   const int64_t n = weight.size(0), k = weight.size(1), groups = (n + kGroup - 1) / kGroup;
   at::Tensor padded = at::zeros({groups * kGroup, k}, weight.options());
   padded.narrow(0, 0, n).copy_(weight);
-  return padded.view({groups, kGroup, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+  return padded.view({groups, kGroup, k / step, step}).permute({0, 2, 1, 3}).contiguous();
 }
 
 // float32 to bfloat16 as c10::BFloat16 rounds (to nearest even; NaN to the canonical quiet NaN).
@@ -344,45 +351,71 @@ inline __m256i round_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-// R input rows against one group: every output's sum runs over the input pairs in order, one product
-// pair per step, whatever R is, so a row's result does not depend on the rows beside it.
-template <int R>
-inline void packed_group(const c10::BFloat16* x, int64_t k, const c10::BFloat16* group, const float* bias,
-                         c10::BFloat16* y, int64_t n_out, int64_t valid) {
+inline void store16(float* y, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(y, mask, v); }
+inline void store16(c10::BFloat16* y, __mmask16 mask, __m512 v) { _mm256_mask_storeu_epi16(y, mask, round_bf16(v)); }
+
+// acc += one step of an input row (broadcast) times sixteen outputs' weights for that step.
+inline __m512 step16(__m512 acc, const float* x, const float* w) {
+  return _mm512_fmadd_ps(_mm512_set1_ps(*x), _mm512_loadu_ps(w), acc);
+}
+#ifdef __AVX512BF16__
+inline __m512 step16(__m512 acc, const c10::BFloat16* x, const c10::BFloat16* w) {
+  int32_t pair;
+  std::memcpy(&pair, x, sizeof(pair));
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(pair), (__m512bh)_mm512_loadu_si512(w));
+}
+#endif
+
+// R input rows against one group: every output's sum runs over the input's steps in order, one step at a
+// time, whatever R is, so a row's result does not depend on the rows beside it.
+template <int R, typename T>
+inline void packed_group(const T* x, int64_t k, const T* group, const float* bias, T* y, int64_t n_out,
+                         int64_t valid) {
   constexpr int V = kGroup / 16;
+  constexpr int64_t e = kStep<T>;
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  const int32_t* xp[R];
-  for (int r = 0; r < R; ++r) xp[r] = reinterpret_cast<const int32_t*>(x + r * k);
-  for (int64_t p = 0; p < k / 2; ++p) {
-    const c10::BFloat16* wp = group + p * 2 * kGroup;
-    __m512bh w[V];
-    for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wp + 32 * v);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh pair = (__m512bh)_mm512_set1_epi32(xp[r][p]);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, w[v]);
-    }
+  for (int64_t d = 0; d < k; d += e) {
+    const T* w = group + d * kGroup;
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = step16(acc[r][v], x + r * k + d, w + 16 * e * v);
   }
   for (int v = 0; v < V; ++v) {
     const int64_t lanes = std::min<int64_t>(16, valid - 16 * v);
     if (lanes <= 0) break;
     const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * v) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m512 out = bias ? _mm512_add_ps(acc[r][v], b) : acc[r][v];
-      _mm256_mask_storeu_epi16(y + r * n_out + 16 * v, mask, round_bf16(out));
-    }
+    for (int r = 0; r < R; ++r) store16(y + r * n_out + 16 * v, mask, bias ? _mm512_add_ps(acc[r][v], b) : acc[r][v]);
   }
+}
+
+template <typename T>
+void packed_rows(const T* x, const T* packed, const float* bias, T* y, int64_t rows, int64_t n_out, int64_t k) {
+  at::parallel_for(0, (n_out + kGroup - 1) / kGroup, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const T* group = packed + g * kGroup * k;
+      const float* gb = bias ? bias + g * kGroup : nullptr;
+      T* out = y + g * kGroup;
+      const int64_t valid = std::min(kGroup, n_out - g * kGroup);
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) packed_group<4>(x + r * k, k, group, gb, out + r * n_out, n_out, valid);
+      switch (rows - r) {
+        case 3: packed_group<3>(x + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
+        case 2: packed_group<2>(x + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
+        case 1: packed_group<1>(x + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
+      }
+    }
+  });
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                          int64_t n_out) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
-              "tinyserve::packed_linear takes bfloat16 input and weights");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(),
+              "tinyserve::packed_linear takes input in its weights' dtype, not ", x.scalar_type());
   const int64_t k = x.size(-1);
-  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == k && packed.size(2) == kGroup && packed.is_contiguous() &&
-                  packed.size(0) * kGroup >= n_out,
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * packed.size(3) == k && packed.size(2) == kGroup &&
+                  packed.is_contiguous() && packed.size(0) * kGroup >= n_out,
               "tinyserve::packed_linear: the packed weight does not fit the input or the output size");
   const int64_t rows = k ? x.numel() / k : 0;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -391,27 +424,19 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
   if (rows == 0 || n_out == 0) return y;
   const at::Tensor xc = x.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  const c10::BFloat16* xp = xc.data_ptr<c10::BFloat16>();
-  const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
-  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const int64_t groups = (n_out + kGroup - 1) / kGroup;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const c10::BFloat16* group = wp + g * kGroup * k;
-      const float* gb = bp ? bp + g * kGroup : nullptr;
-      c10::BFloat16* out = yp + g * kGroup;
-      const int64_t valid = std::min(kGroup, n_out - g * kGroup);
-      int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) packed_group<4>(xp + r * k, k, group, gb, out + r * n_out, n_out, valid);
-      switch (rows - r) {
-        case 3: packed_group<3>(xp + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
-        case 2: packed_group<2>(xp + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
-        case 1: packed_group<1>(xp + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
-      }
-    }
-  });
-  return y;
+  if (x.scalar_type() == at::kFloat) {
+    packed_rows(xc.data_ptr<float>(), packed.data_ptr<float>(), bp, y.data_ptr<float>(), rows, n_out, k);
+    return y;
+  }
+#ifdef __AVX512BF16__
+  if (x.scalar_type() == at::kBFloat16) {
+    packed_rows(xc.data_ptr<c10::BFloat16>(), packed.data_ptr<c10::BFloat16>(), bp, y.data_ptr<c10::BFloat16>(),
+                rows, n_out, k);
+    return y;
+  }
+#endif
+  TORCH_CHECK(false, "tinyserve::packed_linear: no packed kernel for ", x.scalar_type());
 }
 #endif
 
@@ -421,7 +446,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
 TORCH_LIBRARY_IMPL(tinyserve, CPU, m) {
   m.impl("linear", &small_linear);
   m.impl("linear_int8", &small_linear_int8);
-#ifdef __AVX512BF16__
+#ifdef __AVX512F__
   m.impl("pack_linear", &pack_linear);
   m.impl("packed_linear", &packed_linear);
 #endif

@@ -104,7 +104,7 @@ class ModelRunner:
     @property
     def path(self) -> str:
         """What runs a decode step, for the start-up line."""
-        packed = ", projections on packed bfloat16 weights" if self.packed_weights else ""
+        packed = ", projections on packed weights" if self.packed_weights else ""
         if not self.fast_path:
             return "eager" + (" (deterministic)" if self.deterministic else "") + packed
         graphs = "CUDA graphs" if self.device.type == "cuda" else "inductor"

@@ -527,7 +527,7 @@ def test_serving_linear_equals_f_linear(
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "bfloat16-packed", "int8"])
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "float32-packed", "bfloat16-packed", "int8"])
 def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: str) -> None:
     """A row's projection is bit for bit the same alone, in any batch the kernel serves, and with any
     number of threads: what shares a step cannot change a sequence's tokens. The packed layout serves
@@ -535,7 +535,7 @@ def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: st
     if not load_cpu_kernels():
         pytest.skip("the CPU kernels could not be built here")
     gen = torch.Generator().manual_seed(0)
-    dtype = torch.float32 if weights == "float32" else torch.bfloat16
+    dtype = torch.float32 if weights.startswith("float32") else torch.bfloat16
     # 232 features: 16-blocks, 64-blocks, a 32-block (the bfloat16 dot-product path's) and a tail.
     # 1,031 outputs: a summation order that differs by tile flips a few of 66k bfloat16 roundings (at
     # 131 outputs, such a change to the bfloat16 path went unseen); the last packed group is partial.
@@ -545,10 +545,10 @@ def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: st
     if weights == "int8":
         qweight, scales = quantize_rows(weight)
         project = lambda rows: torch.ops.tinyserve.linear_int8(rows, qweight, scales, None)  # noqa: E731
-    elif weights == "bfloat16-packed":
-        packed = torch.ops.tinyserve.pack_linear(weight.bfloat16())
+    elif weights.endswith("-packed"):
+        packed = torch.ops.tinyserve.pack_linear(weight.to(dtype))
         if not packed.numel():
-            pytest.skip("this CPU has no bfloat16 dot products (AVX512-BF16): nothing is packed")
+            pytest.skip(f"this CPU gets no packed {dtype} weights (needs AVX-512; AVX512-BF16 for bfloat16)")
         project = lambda rows: torch.ops.tinyserve.packed_linear(rows, packed, None, 1031)  # noqa: E731
         counts += (65, 300)
     else:
@@ -564,16 +564,21 @@ def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: st
         torch.set_num_threads(threads)
 
 
-def test_serving_linear_packs_bfloat16_weights_where_the_cpu_has_bfloat16_dot_products() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_serving_linear_packs_weights_where_the_cpu_has_the_instructions(dtype: torch.dtype) -> None:
     """The packed copy replaces the weight (no second copy is kept) and unpacks to it exactly."""
-    if not (load_cpu_kernels() and native_bfloat16(torch.device("cpu"))):
-        pytest.skip("needs the CPU kernels and a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX)")
-    linear = nn.Linear(96, 130).to(torch.bfloat16)
+    capable = "avx512" in torch.backends.cpu.get_cpu_capability().lower()
+    if dtype == torch.bfloat16:
+        capable = native_bfloat16(torch.device("cpu"))
+    if not (load_cpu_kernels() and capable):
+        pytest.skip(f"needs the CPU kernels and packed {dtype} weights (AVX-512; AVX512-BF16 for bfloat16)")
+    linear = nn.Linear(96, 130).to(dtype)
     serving = ServingLinear(linear)
     assert serving.weight is None and serving.packed is not None
     assert torch.equal(unpack(serving.packed, 130), linear.weight)
-    odd = ServingLinear(nn.Linear(53, 8).to(torch.bfloat16))  # an odd feature count: the row walk serves
-    assert odd.packed is None and odd.weight is not None
+    if dtype == torch.bfloat16:  # an odd feature count has no bfloat16 pairs: the row walk serves
+        odd = ServingLinear(nn.Linear(53, 8).to(dtype))
+        assert odd.packed is None and odd.weight is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
