@@ -198,9 +198,9 @@ def test_padding_rows_write_only_the_sink(make_engine: Callable[..., LLMEngine])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block"),
-    # (10, 1, 96, 16): the bfloat16 dot-product path's query heads in passes of eight and of four, and a
-    # last 32 features past the 64-feature chunks.
-    [(4, 2, 16, 16), (9, 3, 64, 16), (6, 6, 32, 8), (10, 1, 96, 16)],
+    # The AVX-512 path's query heads in passes of eight and of four, and values in chunks of 64 features
+    # with a last 16, 32 or 48.
+    [(4, 2, 16, 16), (9, 3, 64, 16), (6, 6, 32, 8), (10, 1, 96, 16), (4, 4, 48, 16)],
 )
 @pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: scores far apart, exponentials underflow to 0
 def test_cpu_kernel_matches_the_reference(
