@@ -18,7 +18,8 @@ from torch import Tensor, nn
 torch.library.define("tinyserve::linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 torch.library.define("tinyserve::pack_linear", "(Tensor weight) -> Tensor")
 torch.library.define(
-    "tinyserve::packed_linear", "(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor"
+    "tinyserve::packed_linear",
+    "(Tensor x, Tensor packed, Tensor? scales, Tensor? bias, int out_features) -> Tensor",
 )
 
 
@@ -46,12 +47,19 @@ def unpack(packed: Tensor, out_features: int) -> Tensor:
 
 
 @torch.library.impl("tinyserve::packed_linear", "CompositeExplicitAutograd")
-def _packed_plain_body(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    return F.linear(x, unpack(packed, out_features), bias)
+def _packed_plain_body(
+    x: Tensor, packed: Tensor, scales: Tensor | None, bias: Tensor | None, out_features: int
+) -> Tensor:
+    weight = unpack(packed, out_features)
+    if scales is not None:  # int8 rows, each times its scale
+        return F.linear(
+            x.float(), weight.float() * scales[:, None], None if bias is None else bias.float()
+        ).to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 @torch.library.register_fake("tinyserve::packed_linear")
-def _(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def _(x: Tensor, packed: Tensor, scales: Tensor | None, bias: Tensor | None, out_features: int) -> Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -69,5 +77,5 @@ class ServingLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is not None:
-            return torch.ops.tinyserve.packed_linear(x, self.packed, self.bias, self.out_features)
+            return torch.ops.tinyserve.packed_linear(x, self.packed, None, self.bias, self.out_features)
         return torch.ops.tinyserve.linear(x, self.weight, self.bias)

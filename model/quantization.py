@@ -2,8 +2,9 @@
 
 At a few rows a decode step is a read of every weight, so int8 halves bfloat16's bytes per step.
 Activations stay in the model's dtype; products accumulate in float32 and each output is scaled by
-its row's scale. On the CPU, `model/csrc/small_linear.cpp` serves `tinyserve::linear_int8` straight
-from the int8 bytes (no de-quantized copy of the weight); elsewhere the op's plain body is
+its row's scale. On the CPU, `model/csrc/small_linear.cpp` serves the products straight from the int8
+bytes (no de-quantized copy of the weight): `tinyserve::packed_linear` on the rows packed for AVX-512
+where the CPU has it, else `tinyserve::linear_int8`, whose plain body elsewhere is
 `torch._weight_int8pack_mm`, which does the same.
 """
 
@@ -57,8 +58,10 @@ class Int8Linear(nn.Module):
 
     def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None) -> None:
         super().__init__()
+        self.out_features = qweight.shape[0]
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        self.register_buffer("packed", None)
         self.bias = bias
 
     @classmethod
@@ -67,7 +70,22 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, scales, bias)
 
+    def pack(self, keep_rows: bool) -> bool:
+        """Serving: the int8 rows in our CPU kernel's packed layout (model/linear.py), where it has one.
+        The rows themselves go, unless `keep_rows` (a tied embedding reads them). Returns whether packed."""
+        packed = torch.ops.tinyserve.pack_linear(self.qweight)
+        if not packed.numel():
+            return False
+        self.packed = packed
+        if not keep_rows:
+            self.qweight = None
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return torch.ops.tinyserve.packed_linear(
+                x, self.packed, self.scales, self.bias, self.out_features
+            )
         return torch.ops.tinyserve.linear_int8(x, self.qweight, self.scales, self.bias)
 
 

@@ -346,6 +346,11 @@ class Transformer(nn.Module):
                 serving = ServingLinear(layer)
                 setattr(owner, name, serving)
                 packed |= serving.packed is not None
+            elif isinstance(layer, Int8Linear):
+                embedding = self.embed_tokens
+                packed |= layer.pack(
+                    keep_rows=isinstance(embedding, Int8Embedding) and embedding.head is layer
+                )
         return packed
 
     def quantize_int8(self) -> None:

@@ -319,22 +319,23 @@ at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& qweight, con
 #ifdef __AVX512F__
 // Weights packed for AVX-512 (`pack_linear`): the weight rows in groups of kGroup outputs; for each step
 // of the input features, a group's kGroup outputs' weights side by side: [groups][k / e][kGroup][e], where
-// a step is e = 1 feature for float32 weights and e = 2 for bfloat16 ones (the pair a bfloat16 dot-product
-// instruction takes). One instruction then multiplies a step of an input row, broadcast, with sixteen
-// outputs' weights and adds to their sixteen sums: no horizontal sums, and four input rows share each
-// weight load (the row-by-row walk above loads a weight per product and reduces every output across
-// lanes: bfloat16, 1.7-3.2x slower from four rows on). bfloat16 weights are packed only where the CPU
-// has bfloat16 dot products (AVX512-BF16).
+// a step is e = 1 feature for float32 and int8 weights and e = 2 for bfloat16 ones (the pair a bfloat16
+// dot-product instruction takes). One instruction then multiplies a step of an input row, broadcast, with
+// sixteen outputs' weights and adds to their sixteen sums: no horizontal sums, and four input rows share
+// each weight load (the row-by-row walk above loads a weight per product and reduces every output across
+// lanes: bfloat16, 1.7-3.2x slower from four rows on). bfloat16 weights are packed only where the CPU has
+// bfloat16 dot products (AVX512-BF16); int8 ones are widened to float32 in registers and multiplied with
+// the input in float32, each output scaled by its row's scale at the end.
 constexpr int64_t kGroup = 64;
 
 template <typename T>
 constexpr int64_t kStep = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
 
 at::Tensor pack_linear(const at::Tensor& weight) {
-  const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  const int64_t step = bf16 ? 2 : 1;
-  const bool packable = (weight.scalar_type() == at::kFloat || (bf16 && kNativeBf16)) && weight.dim() == 2 &&
-                        weight.size(0) > 0 && weight.size(1) > 0 && weight.size(1) % step == 0;
+  const at::ScalarType type = weight.scalar_type();
+  const int64_t step = type == at::kBFloat16 ? 2 : 1;
+  const bool packable = (type == at::kFloat || type == at::kChar || (type == at::kBFloat16 && kNativeBf16)) &&
+                        weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 && weight.size(1) % step == 0;
   if (!packable) return at::empty({0}, weight.options());
   const int64_t n = weight.size(0), k = weight.size(1), groups = (n + kGroup - 1) / kGroup;
   at::Tensor padded = at::zeros({groups * kGroup, k}, weight.options());
@@ -358,6 +359,10 @@ inline void store16(c10::BFloat16* y, __mmask16 mask, __m512 v) { _mm256_mask_st
 inline __m512 step16(__m512 acc, const float* x, const float* w) {
   return _mm512_fmadd_ps(_mm512_set1_ps(*x), _mm512_loadu_ps(w), acc);
 }
+inline __m512 step16(__m512 acc, const float* x, const int8_t* w) {
+  const __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+  return _mm512_fmadd_ps(_mm512_set1_ps(*x), wide, acc);
+}
 #ifdef __AVX512BF16__
 inline __m512 step16(__m512 acc, const c10::BFloat16* x, const c10::BFloat16* w) {
   int32_t pair;
@@ -367,17 +372,18 @@ inline __m512 step16(__m512 acc, const c10::BFloat16* x, const c10::BFloat16* w)
 #endif
 
 // R input rows against one group: every output's sum runs over the input's steps in order, one step at a
-// time, whatever R is, so a row's result does not depend on the rows beside it.
-template <int R, typename T>
-inline void packed_group(const T* x, int64_t k, const T* group, const float* bias, T* y, int64_t n_out,
-                         int64_t valid) {
+// time, whatever R is, so a row's result does not depend on the rows beside it. Then times its row's
+// scale (int8), plus its bias, rounded once into y's type.
+template <int R, typename X, typename W, typename Out>
+inline void packed_group(const X* x, int64_t k, const W* group, const float* scales, const float* bias, Out* y,
+                         int64_t n_out, int64_t valid) {
   constexpr int V = kGroup / 16;
-  constexpr int64_t e = kStep<T>;
+  constexpr int64_t e = kStep<W>;
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t d = 0; d < k; d += e) {
-    const T* w = group + d * kGroup;
+    const W* w = group + d * kGroup;
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) acc[r][v] = step16(acc[r][v], x + r * k + d, w + 16 * e * v);
   }
@@ -385,34 +391,47 @@ inline void packed_group(const T* x, int64_t k, const T* group, const float* bia
     const int64_t lanes = std::min<int64_t>(16, valid - 16 * v);
     if (lanes <= 0) break;
     const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
+    const __m512 s = scales ? _mm512_maskz_loadu_ps(mask, scales + 16 * v) : _mm512_setzero_ps();
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * v) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) store16(y + r * n_out + 16 * v, mask, bias ? _mm512_add_ps(acc[r][v], b) : acc[r][v]);
+    for (int r = 0; r < R; ++r) {
+      __m512 out = scales ? _mm512_mul_ps(acc[r][v], s) : acc[r][v];
+      if (bias) out = _mm512_add_ps(out, b);
+      store16(y + r * n_out + 16 * v, mask, out);
+    }
   }
 }
 
-template <typename T>
-void packed_rows(const T* x, const T* packed, const float* bias, T* y, int64_t rows, int64_t n_out, int64_t k) {
+template <typename X, typename W, typename Out>
+void packed_rows(const X* x, const W* packed, const float* scales, const float* bias, Out* y, int64_t rows,
+                 int64_t n_out, int64_t k) {
   at::parallel_for(0, (n_out + kGroup - 1) / kGroup, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      const T* group = packed + g * kGroup * k;
+      const W* group = packed + g * kGroup * k;
+      const float* gs = scales ? scales + g * kGroup : nullptr;
       const float* gb = bias ? bias + g * kGroup : nullptr;
-      T* out = y + g * kGroup;
+      Out* out = y + g * kGroup;
       const int64_t valid = std::min(kGroup, n_out - g * kGroup);
       int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) packed_group<4>(x + r * k, k, group, gb, out + r * n_out, n_out, valid);
+      for (; r + 4 <= rows; r += 4) packed_group<4>(x + r * k, k, group, gs, gb, out + r * n_out, n_out, valid);
       switch (rows - r) {
-        case 3: packed_group<3>(x + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
-        case 2: packed_group<2>(x + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
-        case 1: packed_group<1>(x + r * k, k, group, gb, out + r * n_out, n_out, valid); break;
+        case 3: packed_group<3>(x + r * k, k, group, gs, gb, out + r * n_out, n_out, valid); break;
+        case 2: packed_group<2>(x + r * k, k, group, gs, gb, out + r * n_out, n_out, valid); break;
+        case 1: packed_group<1>(x + r * k, k, group, gs, gb, out + r * n_out, n_out, valid); break;
       }
     }
   });
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
-                         int64_t n_out) {
-  TORCH_CHECK(x.scalar_type() == packed.scalar_type(),
-              "tinyserve::packed_linear takes input in its weights' dtype, not ", x.scalar_type());
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& scales,
+                         const c10::optional<at::Tensor>& bias, int64_t n_out) {
+  const bool int8 = packed.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 ? (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)
+                   : x.scalar_type() == packed.scalar_type(),
+              "tinyserve::packed_linear: no kernel for ", x.scalar_type(), " input and ", packed.scalar_type(),
+              " weights");
+  const bool scaled = scales.has_value() && scales->defined();
+  TORCH_CHECK(scaled == int8 && (!scaled || (scales->scalar_type() == at::kFloat && scales->numel() == n_out)),
+              "tinyserve::packed_linear: int8 weights, and only they, take float32 scales, one per output");
   const int64_t k = x.size(-1);
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * packed.size(3) == k && packed.size(2) == kGroup &&
                   packed.is_contiguous() && packed.size(0) * kGroup >= n_out,
@@ -422,17 +441,26 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
   shape.back() = n_out;
   at::Tensor y = at::empty(shape, x.options());
   if (rows == 0 || n_out == 0) return y;
-  const at::Tensor xc = x.contiguous();
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (int8) {
+    const at::Tensor xf = x.reshape({rows, k}).to(at::kFloat).contiguous(), s = scales->contiguous();
+    const int8_t* w = packed.data_ptr<int8_t>();
+    if (x.scalar_type() == at::kFloat)
+      packed_rows(xf.data_ptr<float>(), w, s.data_ptr<float>(), bp, y.data_ptr<float>(), rows, n_out, k);
+    else
+      packed_rows(xf.data_ptr<float>(), w, s.data_ptr<float>(), bp, y.data_ptr<c10::BFloat16>(), rows, n_out, k);
+    return y;
+  }
+  const at::Tensor xc = x.contiguous();
   if (x.scalar_type() == at::kFloat) {
-    packed_rows(xc.data_ptr<float>(), packed.data_ptr<float>(), bp, y.data_ptr<float>(), rows, n_out, k);
+    packed_rows(xc.data_ptr<float>(), packed.data_ptr<float>(), nullptr, bp, y.data_ptr<float>(), rows, n_out, k);
     return y;
   }
 #ifdef __AVX512BF16__
   if (x.scalar_type() == at::kBFloat16) {
-    packed_rows(xc.data_ptr<c10::BFloat16>(), packed.data_ptr<c10::BFloat16>(), bp, y.data_ptr<c10::BFloat16>(),
-                rows, n_out, k);
+    packed_rows(xc.data_ptr<c10::BFloat16>(), packed.data_ptr<c10::BFloat16>(), nullptr, bp,
+                y.data_ptr<c10::BFloat16>(), rows, n_out, k);
     return y;
   }
 #endif

@@ -39,43 +39,53 @@ def test_round_trip_error_is_within_half_a_step_per_row() -> None:
     assert torch.allclose(s, w.abs().amax(dim=1).clamp_min(1e-30) / 127) or s[3] == 1.0
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("rows", [0, 1, 3, 9, 32, 33])  # x holds 2 x rows: 33 is past the kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("shape", "bias"), [((71, 48), False), ((64, 67), True), ((3000, 40), False)])
 def test_int8_linear_equals_its_dequantized_float_linear(
-    rows: int, dtype: torch.dtype, shape: tuple[int, int], bias: bool
+    packed: bool, rows: int, dtype: torch.dtype, shape: tuple[int, int], bias: bool
 ) -> None:
-    """Odd shapes: an odd number of output rows (the kernel's last two-row unit is partial), features
-    not a multiple of the SIMD width, and more rows than one tile of the large-batch path."""
+    """Odd shapes: an odd number of output rows (the kernel's last two-row unit and last packed group
+    are partial), features not a multiple of the SIMD width, and more rows than one tile of the
+    large-batch path."""
     load_cpu_kernels()  # without a compiler the plain body serves: the same numbers, more slowly
     gen = torch.Generator().manual_seed(rows)
     linear = nn.Linear(shape[1], shape[0], bias=bias).to(dtype)
     x = torch.randn(2, rows, shape[1], generator=gen).to(dtype)
     layer = Int8Linear.from_linear(linear)
-    assert layer.qweight.dtype == torch.int8 and layer.scales.dtype == torch.float32
+    qweight, scales = layer.qweight, layer.scales
+    assert qweight.dtype == torch.int8 and scales.dtype == torch.float32
+    if packed:
+        if not layer.pack(keep_rows=False):
+            pytest.skip("this CPU gets no packed int8 weights (needs AVX-512)")
+        assert layer.qweight is None  # the packed rows replace them
     with torch.no_grad():
         b = None if layer.bias is None else layer.bias.float()
-        want = F.linear(x.float(), dequantize_rows(layer.qweight, layer.scales), b)
+        want = F.linear(x.float(), dequantize_rows(qweight, scales), b)
         got = layer(x)
-        plain = plain_int8_linear(x, layer.qweight, layer.scales, layer.bias)
+        plain = plain_int8_linear(x, qweight, scales, layer.bias)
     assert got.shape == (2, rows, shape[0]) and got.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
     assert torch.allclose(plain.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_int8_kernel_keeps_a_non_finite_input_in_its_own_row(bad: float) -> None:
+def test_int8_kernel_keeps_a_non_finite_input_in_its_own_row(packed: bool, bad: float) -> None:
     """A NaN or an infinity in one input row makes that row's outputs non-finite, as float arithmetic
     would, and leaves the other rows as they are alone: the sampler fails that row's request only."""
     if not load_cpu_kernels():
         pytest.skip("the CPU kernels could not be built here")
     gen = torch.Generator().manual_seed(1)
-    qweight, scales = quantize_rows(torch.randn(70, 300, generator=gen))
+    layer = Int8Linear(*quantize_rows(torch.randn(70, 300, generator=gen)), None)
+    if packed and not layer.pack(keep_rows=False):
+        pytest.skip("this CPU gets no packed int8 weights (needs AVX-512)")
     x = torch.randn(3, 300, generator=gen).to(torch.bfloat16)
-    alone = [torch.ops.tinyserve.linear_int8(x[i : i + 1], qweight, scales, None) for i in (0, 2)]
+    alone = [layer(x[i : i + 1]) for i in (0, 2)]
     x[1, 200] = bad
-    got = torch.ops.tinyserve.linear_int8(x, qweight, scales, None)
+    got = layer(x)
     assert not got[1].isfinite().any()
     assert torch.equal(got[0:1], alone[0]) and torch.equal(got[2:3], alone[1])
 

@@ -527,7 +527,9 @@ def test_serving_linear_equals_f_linear(
     assert torch.allclose(got.float(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "float32-packed", "bfloat16-packed", "int8"])
+@pytest.mark.parametrize(
+    "weights", ["float32", "bfloat16", "int8", "float32-packed", "bfloat16-packed", "int8-packed"]
+)
 def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: str) -> None:
     """A row's projection is bit for bit the same alone, in any batch the kernel serves, and with any
     number of threads: what shares a step cannot change a sequence's tokens. The packed layout serves
@@ -546,10 +548,15 @@ def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: st
         qweight, scales = quantize_rows(weight)
         project = lambda rows: torch.ops.tinyserve.linear_int8(rows, qweight, scales, None)  # noqa: E731
     elif weights.endswith("-packed"):
-        packed = torch.ops.tinyserve.pack_linear(weight.to(dtype))
+        qweight, scales = quantize_rows(weight)
+        int8 = weights == "int8-packed"
+        packed = torch.ops.tinyserve.pack_linear(qweight if int8 else weight.to(dtype))
         if not packed.numel():
-            pytest.skip(f"this CPU gets no packed {dtype} weights (needs AVX-512; AVX512-BF16 for bfloat16)")
-        project = lambda rows: torch.ops.tinyserve.packed_linear(rows, packed, None, 1031)  # noqa: E731
+            pytest.skip(
+                f"this CPU gets no packed {weights} weights (needs AVX-512; AVX512-BF16 for bfloat16)"
+            )
+        scaled = scales if int8 else None
+        project = lambda rows: torch.ops.tinyserve.packed_linear(rows, packed, scaled, None, 1031)  # noqa: E731
         counts += (65, 300)
     else:
         project = lambda rows: torch.ops.tinyserve.linear(rows, weight.to(dtype), None)  # noqa: E731
