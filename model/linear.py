@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 torch.library.define("tinyserve::linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-torch.library.define("tinyserve::pack_linear", "(Tensor weight) -> Tensor")
+torch.library.define("tinyserve::pack_linear", "(Tensor weight, bool pairs=False) -> Tensor")
 torch.library.define(
     "tinyserve::packed_linear",
     "(Tensor x, Tensor packed, Tensor? scales, Tensor? bias, int out_features) -> Tensor",
@@ -34,7 +34,7 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 @torch.library.impl("tinyserve::pack_linear", "CompositeExplicitAutograd")
-def _no_packing(weight: Tensor) -> Tensor:
+def _no_packing(weight: Tensor, pairs: bool = False) -> Tensor:
     """Only the CPU kernel has a packed layout; elsewhere nothing is packed."""
     return weight.new_empty(0)
 

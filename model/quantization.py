@@ -70,10 +70,12 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(qweight, scales, bias)
 
-    def pack(self, keep_rows: bool) -> bool:
-        """Serving: the int8 rows in our CPU kernel's packed layout (model/linear.py), where it has one.
-        The rows themselves go, unless `keep_rows` (a tied embedding reads them). Returns whether packed."""
-        packed = torch.ops.tinyserve.pack_linear(self.qweight)
+    def pack(self, keep_rows: bool, activations: torch.dtype) -> bool:
+        """Serving: the int8 rows in our CPU kernel's packed layout (model/linear.py) for `activations`,
+        where it has one. The rows themselves go, unless `keep_rows` (a tied embedding reads them).
+        Returns whether packed."""
+        pairs = activations == torch.bfloat16
+        packed = torch.ops.tinyserve.pack_linear(self.qweight, pairs)
         if not packed.numel():
             return False
         self.packed = packed

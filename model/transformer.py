@@ -348,9 +348,8 @@ class Transformer(nn.Module):
                 packed |= serving.packed is not None
             elif isinstance(layer, Int8Linear):
                 embedding = self.embed_tokens
-                packed |= layer.pack(
-                    keep_rows=isinstance(embedding, Int8Embedding) and embedding.head is layer
-                )
+                tied = isinstance(embedding, Int8Embedding) and embedding.head is layer
+                packed |= layer.pack(keep_rows=tied, activations=self.dtype)
         return packed
 
     def quantize_int8(self) -> None:

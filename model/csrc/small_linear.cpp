@@ -319,21 +319,23 @@ at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& qweight, con
 #ifdef __AVX512F__
 // Weights packed for AVX-512 (`pack_linear`): the weight rows in groups of kGroup outputs; for each step
 // of the input features, a group's kGroup outputs' weights side by side: [groups][k / e][kGroup][e], where
-// a step is e = 1 feature for float32 and int8 weights and e = 2 for bfloat16 ones (the pair a bfloat16
-// dot-product instruction takes). One instruction then multiplies a step of an input row, broadcast, with
+// a step is e = 2 features (the pair a bfloat16 dot-product instruction takes) for bfloat16 weights, and for
+// int8 ones that will meet bfloat16 input (`pairs`), else e = 1. One instruction then multiplies a step of an input row, broadcast, with
 // sixteen outputs' weights and adds to their sixteen sums: no horizontal sums, and four input rows share
 // each weight load (the row-by-row walk above loads a weight per product and reduces every output across
 // lanes: bfloat16, 1.7-3.2x slower from four rows on). bfloat16 weights are packed only where the CPU has
-// bfloat16 dot products (AVX512-BF16); int8 ones are widened to float32 in registers and multiplied with
-// the input in float32, each output scaled by its row's scale at the end.
+// bfloat16 dot products (AVX512-BF16); int8 ones are widened in registers (to bfloat16 pairs for bfloat16
+// input, to float32 for float32 input), each output scaled by its row's scale at the end.
 constexpr int64_t kGroup = 64;
 
-template <typename T>
-constexpr int64_t kStep = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+// Features per step: a pair for bfloat16 input (the dot-product instruction's), else one.
+template <typename X>
+constexpr int64_t kStep = std::is_same_v<X, c10::BFloat16> ? 2 : 1;
 
-at::Tensor pack_linear(const at::Tensor& weight) {
+at::Tensor pack_linear(const at::Tensor& weight, bool pairs) {
   const at::ScalarType type = weight.scalar_type();
-  const int64_t step = type == at::kBFloat16 ? 2 : 1;
+  const bool even = weight.dim() == 2 && weight.size(1) % 2 == 0;
+  const int64_t step = type == at::kBFloat16 || (type == at::kChar && pairs && kNativeBf16 && even) ? 2 : 1;
   const bool packable = (type == at::kFloat || type == at::kChar || (type == at::kBFloat16 && kNativeBf16)) &&
                         weight.dim() == 2 && weight.size(0) > 0 && weight.size(1) > 0 && weight.size(1) % step == 0;
   if (!packable) return at::empty({0}, weight.options());
@@ -364,10 +366,20 @@ inline __m512 step16(__m512 acc, const float* x, const int8_t* w) {
   return _mm512_fmadd_ps(_mm512_set1_ps(*x), wide, acc);
 }
 #ifdef __AVX512BF16__
-inline __m512 step16(__m512 acc, const c10::BFloat16* x, const c10::BFloat16* w) {
+inline __m512bh broadcast_pair(const c10::BFloat16* x) {
   int32_t pair;
   std::memcpy(&pair, x, sizeof(pair));
-  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(pair), (__m512bh)_mm512_loadu_si512(w));
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+inline __m512 step16(__m512 acc, const c10::BFloat16* x, const c10::BFloat16* w) {
+  return _mm512_dpbf16_ps(acc, broadcast_pair(x), (__m512bh)_mm512_loadu_si512(w));
+}
+// int8 pairs made bfloat16 pairs in registers (exact: every int8 is a bfloat16).
+inline __m512 step16(__m512 acc, const c10::BFloat16* x, const int8_t* w) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+  return _mm512_dpbf16_ps(acc, broadcast_pair(x), _mm512_cvtne2ps_pbh(hi, lo));
 }
 #endif
 
@@ -378,7 +390,7 @@ template <int R, typename X, typename W, typename Out>
 inline void packed_group(const X* x, int64_t k, const W* group, const float* scales, const float* bias, Out* y,
                          int64_t n_out, int64_t valid) {
   constexpr int V = kGroup / 16;
-  constexpr int64_t e = kStep<W>;
+  constexpr int64_t e = kStep<X>;
   __m512 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -401,12 +413,14 @@ inline void packed_group(const X* x, int64_t k, const W* group, const float* sca
   }
 }
 
-template <typename X, typename W, typename Out>
-void packed_rows(const X* x, const W* packed, const float* scales, const float* bias, Out* y, int64_t rows,
+// y = x @ w.T for `rows` input rows, group after group of outputs (threads split the groups); `group_of(g)`
+// gives group g's packed weights.
+template <typename X, typename Out, typename GroupOf>
+void packed_rows(const X* x, GroupOf group_of, const float* scales, const float* bias, Out* y, int64_t rows,
                  int64_t n_out, int64_t k) {
   at::parallel_for(0, (n_out + kGroup - 1) / kGroup, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      const W* group = packed + g * kGroup * k;
+      const auto* group = group_of(g);
       const float* gs = scales ? scales + g * kGroup : nullptr;
       const float* gb = bias ? bias + g * kGroup : nullptr;
       Out* out = y + g * kGroup;
@@ -443,23 +457,36 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c1
   if (rows == 0 || n_out == 0) return y;
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const auto groups_of = [&](auto* w) { return [w, k](int64_t g) { return w + g * kGroup * k; }; };
   if (int8) {
-    const at::Tensor xf = x.reshape({rows, k}).to(at::kFloat).contiguous(), s = scales->contiguous();
+    const at::Tensor scale = scales->contiguous();
+    const float* sp = scale.data_ptr<float>();
     const int8_t* w = packed.data_ptr<int8_t>();
+#ifdef __AVX512BF16__
+    if (packed.size(3) == 2) {  // pairs: bfloat16 input, multiplied with the dot-product instruction
+      TORCH_CHECK(x.scalar_type() == at::kBFloat16, "tinyserve::packed_linear: int8 pairs take bfloat16 input");
+      const at::Tensor xc = x.contiguous();
+      packed_rows(xc.data_ptr<c10::BFloat16>(), groups_of(w), sp, bp, y.data_ptr<c10::BFloat16>(), rows, n_out, k);
+      return y;
+    }
+#endif
+    TORCH_CHECK(packed.size(3) == 1, "tinyserve::packed_linear: int8 pairs need a CPU with AVX512-BF16");
+    const at::Tensor xf = x.reshape({rows, k}).to(at::kFloat).contiguous();
     if (x.scalar_type() == at::kFloat)
-      packed_rows(xf.data_ptr<float>(), w, s.data_ptr<float>(), bp, y.data_ptr<float>(), rows, n_out, k);
+      packed_rows(xf.data_ptr<float>(), groups_of(w), sp, bp, y.data_ptr<float>(), rows, n_out, k);
     else
-      packed_rows(xf.data_ptr<float>(), w, s.data_ptr<float>(), bp, y.data_ptr<c10::BFloat16>(), rows, n_out, k);
+      packed_rows(xf.data_ptr<float>(), groups_of(w), sp, bp, y.data_ptr<c10::BFloat16>(), rows, n_out, k);
     return y;
   }
   const at::Tensor xc = x.contiguous();
   if (x.scalar_type() == at::kFloat) {
-    packed_rows(xc.data_ptr<float>(), packed.data_ptr<float>(), nullptr, bp, y.data_ptr<float>(), rows, n_out, k);
+    packed_rows(xc.data_ptr<float>(), groups_of(packed.data_ptr<float>()), nullptr, bp, y.data_ptr<float>(), rows,
+                n_out, k);
     return y;
   }
 #ifdef __AVX512BF16__
   if (x.scalar_type() == at::kBFloat16) {
-    packed_rows(xc.data_ptr<c10::BFloat16>(), packed.data_ptr<c10::BFloat16>(), nullptr, bp,
+    packed_rows(xc.data_ptr<c10::BFloat16>(), groups_of(packed.data_ptr<c10::BFloat16>()), nullptr, bp,
                 y.data_ptr<c10::BFloat16>(), rows, n_out, k);
     return y;
   }

@@ -57,7 +57,7 @@ def test_int8_linear_equals_its_dequantized_float_linear(
     qweight, scales = layer.qweight, layer.scales
     assert qweight.dtype == torch.int8 and scales.dtype == torch.float32
     if packed:
-        if not layer.pack(keep_rows=False):
+        if not layer.pack(keep_rows=False, activations=dtype):
             pytest.skip("this CPU gets no packed int8 weights (needs AVX-512)")
         assert layer.qweight is None  # the packed rows replace them
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_int8_kernel_keeps_a_non_finite_input_in_its_own_row(packed: bool, bad: 
         pytest.skip("the CPU kernels could not be built here")
     gen = torch.Generator().manual_seed(1)
     layer = Int8Linear(*quantize_rows(torch.randn(70, 300, generator=gen)), None)
-    if packed and not layer.pack(keep_rows=False):
+    if packed and not layer.pack(keep_rows=False, activations=torch.bfloat16):
         pytest.skip("this CPU gets no packed int8 weights (needs AVX-512)")
     x = torch.randn(3, 300, generator=gen).to(torch.bfloat16)
     alone = [layer(x[i : i + 1]) for i in (0, 2)]

@@ -550,7 +550,7 @@ def test_serving_linear_rows_do_not_depend_on_their_batch_or_threads(weights: st
     elif weights.endswith("-packed"):
         qweight, scales = quantize_rows(weight)
         int8 = weights == "int8-packed"
-        packed = torch.ops.tinyserve.pack_linear(qweight if int8 else weight.to(dtype))
+        packed = torch.ops.tinyserve.pack_linear(qweight if int8 else weight.to(dtype), pairs=True)
         if not packed.numel():
             pytest.skip(
                 f"this CPU gets no packed {weights} weights (needs AVX-512; AVX512-BF16 for bfloat16)"
