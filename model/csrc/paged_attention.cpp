@@ -458,6 +458,29 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
+// cache[slots[i]] = rows[i]: a copy per row where both are laid out plainly (two dispatcher calls of
+// index_copy_ a layer cost more than the copies at decode sizes), else index_copy_.
+void write_cache(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& rows) {
+  const int64_t n = slots.numel(), row = cache.size(1) * cache.size(2);
+  const bool plain = rows.dim() == 3 && rows.scalar_type() == cache.scalar_type() && rows.size(1) == cache.size(1) &&
+                     rows.size(2) == cache.size(2) && rows.stride(2) == 1 && rows.stride(1) == rows.size(2) &&
+                     cache.stride(0) == row && cache.stride(1) == cache.size(2) && cache.stride(2) == 1 &&
+                     slots.scalar_type() == at::kLong && slots.dim() == 1 && rows.size(0) == n;
+  if (!plain) {
+    cache.index_copy_(0, slots, rows);
+    return;
+  }
+  const at::Tensor index = slots.contiguous();
+  const int64_t* slot = index.data_ptr<int64_t>();
+  const int64_t slots_in_cache = cache.size(0), bytes = row * static_cast<int64_t>(cache.element_size());
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const char* src = static_cast<const char*>(rows.data_ptr());
+  const int64_t src_stride = rows.stride(0) * static_cast<int64_t>(rows.element_size());
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < slots_in_cache, "cache slot ", slot[i], " is out of range");
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + slot[i] * bytes, src + i * src_stride, bytes);
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
@@ -466,8 +489,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(k_cache.stride(2) == 1 && v_cache.strides() == k_cache.strides(), "cache layout mismatch");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
               "block_tables and seq_lens must be int32");
-  k_cache.index_copy_(0, slot_mapping, k);
-  v_cache.index_copy_(0, slot_mapping, v);
+  write_cache(k_cache, slot_mapping, k);
+  write_cache(v_cache, slot_mapping, v);
   at::Tensor query = q.contiguous(), tables = block_tables.contiguous(), lens = seq_lens.contiguous();
   at::Tensor out = at::empty_like(query);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
