@@ -636,8 +636,9 @@ def print_table(report: dict[str, Any]) -> None:
             f"| {fmt(lcp_s and ours_s / lcp_s, 2)} |"
         )
     print(
-        f"\nmachine: weight streaming {machine['read_gbs']:.1f} GB/s (float32 one-row F.linear over "
-        f"{machine['streamed_bytes'] / 2**20:.0f} MiB; LLC {llc}; the roofline's bandwidth), copy "
+        f"\nmachine: reading weights {machine['bandwidth_gbs']:.1f} GB/s (the roofline's bandwidth: the "
+        f"faster of one-row float32 F.linear, {machine['read_gbs']:.1f}, and a sum, "
+        f"{machine['sum_gbs']:.1f}, over {machine['streamed_bytes'] / 2**20:.0f} MiB; LLC {llc}), copy "
         f"{machine['copy_gbs']:.1f} GB/s; torch.mm {machine['matmul_gflops']:.0f} GFLOP/s "
         f"({machine['dtype']}, {machine['matmul_rows']} rows at the model's weight shapes)"
     )

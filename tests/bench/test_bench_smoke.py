@@ -33,8 +33,10 @@ def test_engine_bench_writes_json(tiny_checkpoint: Path, tmp_path: Path) -> None
 
     report = json.loads(out.read_text())
     assert report["config"]["batch_sizes"] == [1, 2]
-    for key in ("read_gbs", "copy_gbs", "bandwidth_gbs", "matmul_gflops"):
-        assert positive(report["machine"][key]), key
+    machine = report["machine"]
+    for key in ("read_gbs", "sum_gbs", "copy_gbs", "bandwidth_gbs", "matmul_gflops"):
+        assert positive(machine[key]), key
+    assert machine["bandwidth_gbs"] == max(machine["read_gbs"], machine["sum_gbs"])
     assert [r["batch_size"] for r in report["results"]] == [1, 2]
     for r in report["results"]:
         ours = r["ours"]
