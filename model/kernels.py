@@ -1,7 +1,8 @@
 """Our CPU kernels: C++ in `model/csrc/`, built at first use for the machine that runs them.
 
-They serve three ops of our own (`tinyserve::paged_decode_attention` in `model/attention.py`,
-`tinyserve::linear` in `model/linear.py`, `tinyserve::linear_int8` in `model/quantization.py`).
+They serve our own ops (`tinyserve::paged_decode_attention` in `model/attention.py`; `tinyserve::linear`,
+`tinyserve::pack_linear` and `tinyserve::packed_linear` in `model/linear.py`; `tinyserve::linear_int8` in
+`model/quantization.py`).
 Each op has a plain PyTorch body for every device; the kernels register the CPU implementation,
 which the dispatcher then prefers. Where they cannot be built (no C++ compiler), the plain bodies
 serve, with the same results, more slowly.

@@ -41,7 +41,7 @@ def _no_packing(weight: Tensor, pairs: bool = False) -> Tensor:
 
 def unpack(packed: Tensor, out_features: int) -> Tensor:
     """The [out_features, in_features] weight back from the kernel's layout: [groups][in / step][group][step]
-    (a step is one feature of a float32 weight, a pair of a bfloat16 one)."""
+    (a step is a pair of features where the input is bfloat16, else one)."""
     groups, steps, group, step = packed.shape
     return packed.permute(0, 2, 1, 3).reshape(groups * group, steps * step)[:out_features]
 
