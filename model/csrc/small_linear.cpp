@@ -1,4 +1,6 @@
 // y = x @ w.T (+ b) for the rows of a decode step: every weight read once, every output row computed alike.
+// On a CPU with AVX-512 the model's projections run on packed weights instead (`packed_linear`, at the end
+// of this file); the row-by-row walk below serves the rest (AVX2 CPUs, odd shapes).
 //
 // At decode batch sizes a linear layer is a stream of its weight. The kernel walks the weight one row
 // after the next (or, from four input rows on, two rows at a time) and multiplies each with the input
@@ -318,14 +320,15 @@ at::Tensor small_linear_int8(const at::Tensor& x, const at::Tensor& qweight, con
 
 #ifdef __AVX512F__
 // Weights packed for AVX-512 (`pack_linear`): the weight rows in groups of kGroup outputs; for each step
-// of the input features, a group's kGroup outputs' weights side by side: [groups][k / e][kGroup][e], where
-// a step is e = 2 features (the pair a bfloat16 dot-product instruction takes) for bfloat16 weights, and for
-// int8 ones that will meet bfloat16 input (`pairs`), else e = 1. One instruction then multiplies a step of an input row, broadcast, with
-// sixteen outputs' weights and adds to their sixteen sums: no horizontal sums, and four input rows share
-// each weight load (the row-by-row walk above loads a weight per product and reduces every output across
-// lanes: bfloat16, 1.7-3.2x slower from four rows on). bfloat16 weights are packed only where the CPU has
-// bfloat16 dot products (AVX512-BF16); int8 ones are widened in registers (to bfloat16 pairs for bfloat16
-// input, to float32 for float32 input), each output scaled by its row's scale at the end.
+// of the input features, a group's kGroup outputs' weights side by side: [groups][k / e][kGroup][e]. A step
+// is e = 2 features (the pair a bfloat16 dot-product instruction takes) for bfloat16 weights and for int8
+// ones that will meet bfloat16 input (`pairs`), else e = 1. One instruction then multiplies a step of an
+// input row, broadcast, with sixteen outputs' weights and adds to their sixteen sums: no horizontal sums,
+// and four input rows share each weight load (the row-by-row walk above loads a weight per product and
+// reduces every output across lanes: bfloat16, 1.7-3.2x slower from four rows on). bfloat16 weights are
+// packed only where the CPU has bfloat16 dot products (AVX512-BF16); int8 ones are widened in registers
+// (to bfloat16 pairs for bfloat16 input, to float32 for float32 input), each output scaled by its row's
+// scale at the end.
 constexpr int64_t kGroup = 64;
 
 // Features per step: a pair for bfloat16 input (the dot-product instruction's), else one.
