@@ -64,22 +64,26 @@ inline void widen_row(const c10::BFloat16* src, float* dst, int64_t dim) {
 // reduction by ln 2, a degree-6 polynomial, the exponent put back by integer arithmetic), within 2 ulp.
 // A NaN stays NaN (the clamp's operand order keeps it), as in exact attention: a NaN key must reach the
 // output, so that the request fails instead of attending as if that key were not there.
+// Its constants, shared by the AVX2 loop and the AVX-512 path (exp16).
+namespace cephes_exp {
+constexpr float kLow = -87.3f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace cephes_exp
+
 inline void exp_nonpositive(float* x, int64_t n) {
   int64_t i = 0;
 #ifdef __AVX2__
-  const __m256 lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  using namespace cephes_exp;
+  const __m256 lo = _mm256_set1_ps(kLow), log2e = _mm256_set1_ps(kLog2e);
+  const __m256 ln2_hi = _mm256_set1_ps(kLn2Hi), ln2_lo = _mm256_set1_ps(kLn2Lo);
   const __m256 one = _mm256_set1_ps(1.0f);
   for (; i + 8 <= n; i += 8) {
     __m256 v = _mm256_max_ps(lo, _mm256_loadu_ps(x + i));  // NaN in the second operand is returned
     const __m256 fx = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm256_fnmadd_ps(fx, ln2_lo, _mm256_fnmadd_ps(fx, ln2_hi, v));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 p = _mm256_set1_ps(kPoly[0]);
+    for (int c = 1; c < 6; ++c) p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(kPoly[c]));
     p = _mm256_fmadd_ps(_mm256_mul_ps(p, v), v, _mm256_add_ps(v, one));
     const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
     _mm256_storeu_ps(x + i, _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
@@ -214,16 +218,13 @@ constexpr bool kLanes<T, std::void_t<decltype(Lanes<T>::dot)>> = true;
 
 // exp_nonpositive, sixteen lanes at a time (same constants, same NaN rule).
 inline __m512 exp16(__m512 x) {
-  __m512 v = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // NaN in the second operand is returned
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+  using namespace cephes_exp;
+  __m512 v = _mm512_max_ps(_mm512_set1_ps(kLow), x);  // NaN in the second operand is returned
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  v = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), v));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(5.0000001201e-1f));
+  v = _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Lo), _mm512_fnmadd_ps(fx, _mm512_set1_ps(kLn2Hi), v));
+  __m512 p = _mm512_set1_ps(kPoly[0]);
+  for (int c = 1; c < 6; ++c) p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(kPoly[c]));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, v), v, _mm512_add_ps(v, _mm512_set1_ps(1.0f)));
   const __m512i pow2 = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(pow2));
